@@ -1,0 +1,368 @@
+"""One typed configuration tree for every job.
+
+The dataclass defaults *are* the embedded default (a laptop run on CPU with synthetic data); a YAML file
+is a partial instance of the tree, and ``key.sub=value`` overrides on the command line are applied last.
+An unknown key anywhere is an error that names the valid keys at that level.
+
+    cfg = load_config("configs/ctrate_vitb.yaml", ["train.steps=50", "loss.kind=sigmoid"])
+    cfg.train.steps  # 50
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "LossConfig",
+    "ModelConfig",
+    "ScalingConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "config_to_dict",
+    "flatten",
+    "load_config",
+    "parse_cli",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be applied (unknown key, wrong type, impossible value)."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    """"synthetic" or a folder in the CT-RATE layout (NIfTI volumes + reports/metadata/labels CSVs)."""
+    num_volumes: int = 192
+    """Synthetic training volumes to generate (ignored for a real source)."""
+    num_val_volumes: int = 64
+    """Synthetic held-out volumes (the "validation" split)."""
+    spacing: list[float] = field(default_factory=lambda: [8.0, 6.0, 6.0])
+    """Target voxel spacing (z, y, x) in mm after resampling. CT-CLIP uses [1.5, 0.75, 0.75]."""
+    in_plane_size: int = 64
+    """In-plane crop/pad (H = W) after resampling. CT-CLIP uses 480. Depth is never cropped."""
+    hu_window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])
+    """HU clip window; stored voxels are int16 HU inside it; the loader maps it to [-1, 1]."""
+    shard_max_bytes: int = 4 * 2**20
+    """Target size of one WebDataset tar."""
+    shards_dir: str | None = None
+    """Where shards live; default ``{workspace}/shards``. Any pyarrow filesystem URI works."""
+    text_mode: str = "report"
+    """"report": a sample is the whole volume with its whole report; "organ": a random z-chunk with the findings
+    of the organs it covers plus a general sentence (SigVLP)."""
+    chunk_depth: list[int] = field(default_factory=lambda: [16, 48])
+    """Bounds (slices) of a random z-chunk in "organ" mode; rounded to multiples of the z patch."""
+    max_text_length: int = 64
+    """Tokens per report after tokenisation (truncation)."""
+    shuffle_buffer: int = 64
+    """Local shuffle buffer (rows) of the training stream."""
+    prepare_parallelism: int = 0
+    """Ray Data tasks for conversion; 0 = one per CPU."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    """ViT3D size: tiny | small | base | large."""
+    patch: list[int] = field(default_factory=lambda: [4, 16, 16])
+    """Patch size (z, y, x) of the Conv3d patch embedding."""
+    pool: str = "cls"
+    """Vision pooling: cls | mean | attn."""
+    embed_dim: int = 128
+    """Joint embedding size (projection heads)."""
+    text_model: str = "scratch-tiny"
+    """"scratch-tiny" / "scratch-small" (random init, tokenizer built from the corpus) or a Hugging Face
+    model id / local path (e.g. emilyalsentzer/Bio_ClinicalBERT)."""
+    text_vocab_size: int = 2000
+    """Vocabulary of the tokenizer built from the corpus (scratch text towers only)."""
+    text_pool: str = "cls"
+    """Text pooling: cls | mean."""
+    freeze_text_layers: int = 0
+    """Freeze the text embeddings and this many first layers."""
+    init_logit_scale: float = 10.0
+    """Initial (exponentiated) logit scale = 1 / temperature."""
+    init_logit_bias: float = -10.0
+    """Initial logit bias (sigmoid losses)."""
+    grad_checkpointing: bool = False
+    """Activation checkpointing in the vision blocks."""
+
+
+@dataclass
+class LossConfig:
+    kind: str = "sigmoid"
+    """sigmoid | clip | swca."""
+    alpha: float = 0.5
+    """SWCA: weight of the identity in the soft targets A = alpha*I + (1 - alpha)*W."""
+    form: str = "sigmoid"
+    """SWCA: sigmoid | softmax."""
+    spatial_weight: float = 1.0
+    knowledge_weight: float = 1.0
+    intra_weight: float = 0.0
+    spatial_sigma_mm: float = 50.0
+    ring: bool = False
+    """Sigmoid losses: bidirectional neighbour exchange instead of all-gather."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400
+    """Optimizer steps."""
+    batch_size: int = 16
+    """Samples per worker per step (the global batch is this times the number of workers)."""
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 40
+    weight_decay: float = 0.05
+    optimizer: str = "adamw"
+    """adamw | muon."""
+    zero_stage: int = 2
+    grad_clip: float = 1.0
+    checkpoint_every: int = 200
+    """Report a DeepSpeed checkpoint through ray.train.report every N steps (and at the end)."""
+    num_to_keep: int = 2
+    log_every: int = 10
+    grad_cache_micro_batch: int = 0
+    """> 0: embedding-gradient caching with micro-batches of this size (contrastive batches beyond memory)."""
+    max_failures: int = 0
+    """Ray Train FailureConfig.max_failures."""
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+
+
+@dataclass
+class EvalConfig:
+    at_end: bool = True
+    """Evaluate the trained model on the held-out split at the end of pre-training."""
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    prompts: list[str] = field(default_factory=lambda: ["{label} is present.", "{label} is not present."])
+    batch_size: int = 16
+    n_bootstrap: int = 200
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str | None = None
+    """MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///{workspace}/mlflow.db."""
+    experiment: str = "volvlp_ray"
+    log_text: bool = False
+    """Opt-in: allow report text to reach MLflow (patient data; off by default)."""
+    log_volumes: bool = False
+    """Opt-in: allow voxel data to reach MLflow (patient data; off by default)."""
+
+
+@dataclass
+class Config:
+    workspace: str = "workspace"
+    """Folder holding data, shards, runs and the default MLflow database."""
+    seed: int = 0
+    run_name: str | None = None
+    """Name of the run (Ray Train run dir and MLflow run); default: derived from the config."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    # convenience paths -------------------------------------------------------------------------------
+    @property
+    def workspace_path(self) -> Path:
+        return Path(os.path.abspath(os.path.expanduser(self.workspace)))
+
+    @property
+    def shards_path(self) -> str:
+        return self.data.shards_dir or str(self.workspace_path / "shards")
+
+
+_CHOICES = {
+    ("model", "preset"): ("tiny", "small", "base", "large"),
+    ("model", "pool"): ("cls", "mean", "attn"),
+    ("model", "text_pool"): ("cls", "mean"),
+    ("loss", "kind"): ("sigmoid", "clip", "swca"),
+    ("loss", "form"): ("sigmoid", "softmax"),
+    ("train", "optimizer"): ("adamw", "muon"),
+    ("train", "zero_stage"): (0, 1, 2, 3),
+    ("data", "text_mode"): ("report", "organ"),
+}
+
+
+def validate(cfg: Config) -> None:
+    for (section, key), choices in _CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            raise ConfigError(f"{section}.{key}={value!r} is not one of {list(choices)}")
+    if len(cfg.model.patch) != 3 or min(cfg.model.patch) < 1:
+        raise ConfigError(f"model.patch must be three positive ints (z, y, x), got {cfg.model.patch}")
+    if cfg.data.in_plane_size % cfg.model.patch[1] or cfg.data.in_plane_size % cfg.model.patch[2]:
+        raise ConfigError(
+            f"data.in_plane_size={cfg.data.in_plane_size} is not a multiple of the in-plane patch "
+            f"{cfg.model.patch[1:]}"
+        )
+    if len(cfg.data.spacing) != 3 or min(cfg.data.spacing) <= 0:
+        raise ConfigError(f"data.spacing must be three positive mm values (z, y, x), got {cfg.data.spacing}")
+    lo, hi = cfg.data.chunk_depth
+    if not 0 < lo <= hi:
+        raise ConfigError(f"data.chunk_depth must be [min, max] with 0 < min <= max, got {cfg.data.chunk_depth}")
+    if not 0.0 <= cfg.loss.alpha <= 1.0:
+        raise ConfigError(f"loss.alpha must be in [0, 1], got {cfg.loss.alpha}")
+    for name in ("steps", "batch_size", "checkpoint_every", "log_every", "num_to_keep"):
+        if getattr(cfg.train, name) < 1:
+            raise ConfigError(f"train.{name} must be >= 1, got {getattr(cfg.train, name)}")
+    if cfg.scaling.num_workers < 1:
+        raise ConfigError(f"scaling.num_workers must be >= 1, got {cfg.scaling.num_workers}")
+    if cfg.data.num_volumes < 1 or cfg.data.num_val_volumes < 1:
+        raise ConfigError("data.num_volumes and data.num_val_volumes must be >= 1")
+
+
+# --------------------------------------------------------------------------------------------------------
+# building from dicts
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _merge(base: dict, update: dict, cls: type, prefix: str = "") -> dict:
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in fields(cls)]
+    out = dict(base)
+    for key, value in update.items():
+        where = f"{prefix}{key}"
+        if key not in valid:
+            raise ConfigError(
+                f"unknown config key {where!r}; valid keys{' under ' + prefix[:-1] if prefix else ''}: "
+                + ", ".join(valid)
+            )
+        tp = hints[key]
+        if is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where} is a section; give its keys ({', '.join(f.name for f in fields(tp))})")
+            out[key] = _merge(out[key], value, tp, f"{where}.")
+        else:
+            out[key] = _coerce(value, tp, where)
+    return out
+
+
+def _build(cls: type, values: dict) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in fields(cls):
+        tp = hints[f.name]
+        kwargs[f.name] = _build(tp, values[f.name]) if is_dataclass(tp) else values[f.name]
+    if cls is Config:
+        return Config(**kwargs)
+    return cls(**kwargs)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return asdict(cfg)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"steps": 5}}`` -> ``{"train.steps": 5}`` (used for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def parse_override(item: str) -> dict:
+    """``"train.steps=50"`` -> ``{"train": {"steps": 50}}``; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    key, raw = item.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key")
+    value = None if raw.strip().lower() == "none" else (yaml.safe_load(raw) if raw != "" else "")
+    nested: dict = value
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file (a partial tree), then dotted overrides; validated."""
+    values = asdict(Config())
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+        values = _merge(values, loaded, Config)
+    for item in overrides or []:
+        values = _merge(values, parse_override(item), Config)
+    return _build(Config, values)
+
+
+def parse_cli(argv: list[str] | None = None, description: str = "") -> tuple[Config, Any]:
+    """``[--config FILE] [key=value ...]`` -> (Config, argparse namespace)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=None, help="YAML file: a partial config tree")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 loss.kind=sigmoid")
+    args = parser.parse_args(argv)
+    return load_config(args.config, args.overrides), args
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def replace(cfg: Config, **changes: Any) -> Config:
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,155 @@
+"""WebDataset shards: writing (byte-sized tars, atomic), the manifest, and safe decoding of one sample.
+
+A sample is three tar members sharing a key (the VolumeName without ``.nii.gz``):
+
+    {key}.volume.npy   int16 HU, (D, H, W) = (z, y, x), RAS; saved with ``np.save`` (no pickle)
+    {key}.report.txt   UTF-8 report text (findings, then impressions)
+    {key}.meta.json    spacing, z origin, labels, organ z-extents (mm), organ-wise findings, source file
+
+Each split folder holds ``shard-GGGGG-KK.tar`` files, ``manifest.json`` (every shard with its sample count,
+bytes and sha256) and ``quarantine.json`` (what was left out, and why).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+__all__ = [
+    "DecodeError",
+    "ShardSpec",
+    "decode_sample",
+    "encode_sample",
+    "read_manifest",
+    "write_group_shards",
+    "write_json_atomic",
+]
+
+
+class DecodeError(ValueError):
+    """A shard sample that cannot be used (undecodable array, bad text, missing member)."""
+
+
+ShardSpec = dict  # {"name": str, "samples": int, "bytes": int, "sha256": str}
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def encode_sample(key: str, volume: np.ndarray, report: str, meta: dict) -> list[tuple[str, bytes]]:
+    if "." in key:
+        raise ValueError(f"sample key {key!r} must not contain '.'")
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(volume, dtype=np.int16), allow_pickle=False)
+    return [
+        (f"{key}.meta.json", json.dumps(meta).encode("utf-8")),
+        (f"{key}.report.txt", report.encode("utf-8")),
+        (f"{key}.volume.npy", buf.getvalue()),
+    ]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_group_shards(
+    out_dir: str | os.PathLike,
+    group: int,
+    samples: Iterable[list[tuple[str, bytes]]],
+    max_bytes: int,
+) -> list[ShardSpec]:
+    """Write encoded samples into ``shard-{group:05d}-{k:02d}.tar`` files of about ``max_bytes`` each.
+
+    Every tar is written under a temporary name and renamed into place when complete, so a reader (or a
+    rerun after a crash) never sees a partial shard.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(f".shard-{group:05d}-*.tmp"):
+        stale.unlink()
+    specs: list[ShardSpec] = []
+    state: dict[str, Any] = {"tar": None}
+
+    def close() -> None:
+        if state["tar"] is None:
+            return
+        state["tar"].close()
+        state["file"].close()
+        final = out_dir / state["name"]
+        os.replace(state["tmp"], final)
+        specs.append({"name": state["name"], "samples": state["n"], "bytes": final.stat().st_size,
+                      "sha256": _sha256(final)})
+        state["tar"] = None
+
+    for members in samples:
+        if state["tar"] is not None and state["bytes"] >= max_bytes:
+            close()
+        if state["tar"] is None:
+            name = f"shard-{group:05d}-{len(specs):02d}.tar"
+            tmp = out_dir / f".shard-{group:05d}-{len(specs):02d}.{uuid.uuid4().hex[:8]}.tmp"
+            f = open(tmp, "wb")
+            state.update(tar=tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT), file=f, tmp=tmp,
+                         name=name, n=0, bytes=0)
+        for fname, data in members:
+            info = tarfile.TarInfo(fname)
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o644
+            state["tar"].addfile(info, io.BytesIO(data))
+            state["bytes"] += len(data) + 1024
+        state["n"] += 1
+    close()
+    return specs
+
+
+def read_manifest(split_dir: str | os.PathLike) -> dict:
+    path = Path(split_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no shard manifest at {path}; run jobs/prepare_data.py first")
+    return json.loads(path.read_text())
+
+
+def decode_sample(row: dict[str, Any]) -> dict[str, Any]:
+    """Raw tar members (bytes) -> ``volume`` (int16 ndarray), ``report`` (str), ``meta`` (dict).
+
+    Never unpickles: ``np.load(..., allow_pickle=False)``. Raises :class:`DecodeError` with the key and the
+    reason for anything unusable.
+    """
+    key = row.get("__key__", "?")
+    for member in ("volume.npy", "report.txt", "meta.json"):
+        if row.get(member) is None:
+            raise DecodeError(f"{key}: missing member {member}")
+    try:
+        volume = np.load(io.BytesIO(row["volume.npy"]), allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is a bad sample
+        raise DecodeError(f"{key}: undecodable volume.npy ({type(exc).__name__}: {exc})") from exc
+    if volume.ndim != 3 or volume.shape[0] == 0 or volume.size == 0:
+        raise DecodeError(f"{key}: volume has shape {volume.shape}, expected (D>0, H, W)")
+    if not np.issubdtype(volume.dtype, np.integer):
+        if not np.isfinite(volume).all():
+            raise DecodeError(f"{key}: volume has non-finite voxels")
+    try:
+        report = row["report.txt"].decode("utf-8") if isinstance(row["report.txt"], bytes) else str(row["report.txt"])
+        meta = json.loads(row["meta.json"]) if isinstance(row["meta.json"], (bytes, str)) else dict(row["meta.json"])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DecodeError(f"{key}: undecodable text member ({exc})") from exc
+    if not report.strip():
+        raise DecodeError(f"{key}: empty report")
+    return {"key": key, "volume": volume, "report": report, "meta": meta}
