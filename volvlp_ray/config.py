@@ -30,6 +30,7 @@ __all__ = [
     "ScalingConfig",
     "TrackingConfig",
     "TrainConfig",
+    "config_from_dict",
     "config_to_dict",
     "flatten",
     "load_config",
@@ -82,6 +83,9 @@ class ModelConfig:
     """Vision pooling: cls | mean | attn."""
     embed_dim: int = 128
     """Joint embedding size (projection heads)."""
+    proj_norm: bool = True
+    """Batch-normalise the projected features (no affine) before L2 normalisation; keeps freshly initialised
+    towers from collapsing on CT, where volumes share most of their content. Batch statistics are per worker."""
     text_model: str = "scratch-tiny"
     """"scratch-tiny" / "scratch-small" (random init, tokenizer built from the corpus) or a Hugging Face
     model id / local path (e.g. emilyalsentzer/Bio_ClinicalBERT)."""
@@ -126,7 +130,9 @@ class TrainConfig:
     warmup_steps: int = 40
     weight_decay: float = 0.05
     optimizer: str = "adamw"
-    """adamw | muon."""
+    """adamw | muon (Muon for hidden matrices, AdamW at ``lr`` for the rest)."""
+    muon_lr: float = 0.02
+    """Learning rate of the Muon half when ``optimizer=muon``."""
     zero_stage: int = 2
     grad_clip: float = 1.0
     checkpoint_every: int = 200
@@ -229,6 +235,9 @@ def validate(cfg: Config) -> None:
     for name in ("steps", "batch_size", "checkpoint_every", "log_every", "num_to_keep"):
         if getattr(cfg.train, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(cfg.train, name)}")
+    if cfg.model.proj_norm and (cfg.train.batch_size < 2 or cfg.train.grad_cache_micro_batch == 1):
+        raise ConfigError("model.proj_norm batch-normalises features: train.batch_size (and "
+                          "train.grad_cache_micro_batch, if used) must be >= 2")
     if cfg.scaling.num_workers < 1:
         raise ConfigError(f"scaling.num_workers must be >= 1, got {cfg.scaling.num_workers}")
     if cfg.data.num_volumes < 1 or cfg.data.num_val_volumes < 1:
@@ -331,6 +340,11 @@ def parse_override(item: str) -> dict:
     for part in reversed(key.split(".")):
         nested = {part: nested}
     return nested
+
+
+def config_from_dict(values: dict) -> Config:
+    """A (possibly partial) nested dict -> validated Config; unknown keys are errors."""
+    return _build(Config, _merge(asdict(Config()), values, Config))
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:

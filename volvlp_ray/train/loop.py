@@ -1,0 +1,213 @@
+"""``train_loop_per_worker``: the whole training loop, one function, run by every Ray Train worker.
+
+Per step: a padded batch from this worker's streaming split -> dual encoder (DeepSpeed engine) -> global
+loss (the loss gathers features from all workers) -> backward/step. Rank 0 logs step metrics to MLflow.
+Every ``train.checkpoint_every`` steps and at the end, every rank saves its DeepSpeed shard and all report
+the checkpoint through ``ray.train.report``; the final checkpoint also holds the consolidated export
+(``export/``, loadable with ``VLP.from_pretrained``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from volvlp_ray.config import Config, config_from_dict, dump_yaml
+
+__all__ = ["build_loss_from_config", "train_loop_per_worker"]
+
+log = logging.getLogger(__name__)
+CKPT_TAG = "ckpt"
+
+
+def build_loss_from_config(cfg: Config):
+    from volvlp_ray.losses import build_loss
+
+    exchange = "ring" if cfg.loss.ring else "gather"
+    if cfg.loss.kind == "clip":
+        return build_loss("clip")
+    if cfg.loss.kind == "sigmoid":
+        return build_loss("sigmoid", exchange=exchange)
+    return build_loss(
+        "swca", alpha=cfg.loss.alpha, form=cfg.loss.form, spatial_weight=cfg.loss.spatial_weight,
+        knowledge_weight=cfg.loss.knowledge_weight, intra_weight=cfg.loss.intra_weight,
+        spatial_sigma_mm=cfg.loss.spatial_sigma_mm, exchange=exchange if cfg.loss.form == "sigmoid" else "gather",
+    )
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import deepspeed
+    import ray.train
+    from ray.train import Checkpoint
+    from transformers import AutoTokenizer
+
+    from volvlp_ray.data.pipeline import collate
+    from volvlp_ray.models import build_model
+    from volvlp_ray.tracking import MetricLogger
+    from volvlp_ray.train.deepspeed import deepspeed_config, param_groups
+
+    cfg: Config = config_from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+    if not use_gpu:
+        torch.set_num_threads(max(1, cfg.scaling.cpus_per_worker))
+    _seed_everything(cfg.seed)  # identical initial weights on every rank
+
+    tokenizer = AutoTokenizer.from_pretrained(loop_config["tokenizer_dir"])
+    model = build_model(cfg.model, tokenizer)
+    loss_fn = build_loss_from_config(cfg)
+
+    micro = cfg.train.grad_cache_micro_batch
+    n_micro = 1
+    ds_cfg = deepspeed_config(cfg, use_gpu)
+    if micro and micro < cfg.train.batch_size:
+        n_micro = -(-cfg.train.batch_size // micro)
+        ds_cfg.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=n_micro)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=ds_cfg,
+        dist_init_required=False,
+    )
+    dtype = torch.bfloat16 if ds_cfg["bf16"]["enabled"] else torch.float32
+
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            _, client_state = engine.load_checkpoint(d, tag=CKPT_TAG)
+        step = int(client_state["step"])
+        if rank == 0:
+            print(f"[train] resumed from step {step}", flush=True)
+
+    logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+    shard = ray.train.get_dataset_shard("train")
+    hu_window = tuple(cfg.data.hu_window)
+    patch_z = cfg.model.patch[0]
+    grad_cache = None
+    if n_micro > 1:
+        from volvlp_ray.losses import GradCache
+
+        def backward(surrogate: torch.Tensor, is_last: bool) -> None:
+            engine.backward(surrogate * n_micro)  # undo DeepSpeed's 1/gradient_accumulation_steps scaling
+            engine.step()  # applies the update at the accumulation boundary (the last micro-batch) only
+
+        grad_cache = GradCache(
+            lambda im: engine.module.encode_image(im["volume"], im["depths"]),
+            lambda tx: engine.module.encode_text(tx["input_ids"], tx["attention_mask"]),
+            loss_fn, micro, backward_fn=backward,
+        )
+
+    t_last, samples_since, wait_time = time.perf_counter(), 0, 0.0
+    done = step >= cfg.train.steps
+    for epoch in itertools.count():
+        if done:
+            break
+        t_wait = time.perf_counter()
+        batches = shard.iter_batches(
+            batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+            local_shuffle_seed=cfg.seed + epoch + 1000 * rank, prefetch_batches=2,
+        )
+        for np_batch in batches:
+            wait_time += time.perf_counter() - t_wait
+            b = {k: v.to(device, non_blocking=True) for k, v in collate(np_batch, patch_z, hu_window).items()}
+            b["volume"] = b["volume"].to(dtype)
+            meta = {k: b[k] for k in loss_fn.meta_keys}
+            if grad_cache is None:
+                out = engine(b["volume"], b["depths"], b["input_ids"], b["attention_mask"])
+                loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"],
+                               **meta)
+                engine.backward(loss)
+                engine.step()
+                loss = loss.detach()
+            else:
+                m = engine.module
+                loss = grad_cache.step(
+                    {"volume": b["volume"], "depths": b["depths"]},
+                    {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]},
+                    m.logit_scale.exp().squeeze(0), m.logit_bias.squeeze(0), **meta,
+                )
+            step += 1
+            samples_since += b["volume"].shape[0] * world
+
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                global_loss = loss.float().clone()
+                if dist.is_initialized():
+                    dist.all_reduce(global_loss)
+                    global_loss /= world
+                now = time.perf_counter()
+                m = engine.module
+                metrics = {
+                    "train/loss": global_loss.item(),
+                    "train/lr": float(scheduler.get_last_lr()[0]) if scheduler else cfg.train.lr,
+                    "train/logit_scale": float(m.logit_scale.detach().float().exp()),
+                    "train/logit_bias": float(m.logit_bias.detach().float()),
+                    "train/samples_per_s": samples_since / max(now - t_last, 1e-9),
+                    "train/data_wait_fraction": wait_time / max(now - t_last, 1e-9),
+                    "train/epoch": float(epoch),
+                }
+                if logger:
+                    logger.log(metrics, step)
+                    print(f"[train] step {step}/{cfg.train.steps} loss {metrics['train/loss']:.4f} "
+                          f"lr {metrics['train/lr']:.2e} scale {metrics['train/logit_scale']:.1f} "
+                          f"{metrics['train/samples_per_s']:.1f} samples/s", flush=True)
+                t_last, samples_since, wait_time = now, 0, 0.0
+
+            final = step >= cfg.train.steps
+            if step % cfg.train.checkpoint_every == 0 or final:
+                _save_and_report(engine, cfg, step, float(loss), rank, final, tokenizer, loop_config)
+            if final:
+                done = True
+                break
+            t_wait = time.perf_counter()
+
+
+def _save_and_report(engine, cfg: Config, step: int, loss: float, rank: int, final: bool, tokenizer,
+                     loop_config: dict) -> None:
+    """Every rank writes its DeepSpeed shard to a local folder; ``ray.train.report`` merges them in storage."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="volvlp-ckpt-") as tmp:
+        engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={"step": step})
+        if final:
+            _export(engine, cfg, rank, tokenizer, os.path.join(tmp, "export"), loop_config)
+        if rank == 0:
+            with open(os.path.join(tmp, "config.yaml"), "w") as f:
+                f.write(dump_yaml(cfg))
+        ray.train.report({"step": step, "loss": loss}, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def _export(engine, cfg: Config, rank: int, tokenizer, path: str, loop_config: dict) -> None:
+    """Consolidated weights (gathered under ZeRO-3) -> ``VLP.save_pretrained`` on rank 0."""
+    import deepspeed
+
+    from volvlp_ray.config import config_to_dict
+
+    model = engine.module
+    params = list(model.parameters())
+    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if cfg.train.zero_stage == 3 else None
+    if ctx:
+        ctx.__enter__()
+    try:
+        if rank == 0:
+            model.save_pretrained(path, tokenizer=tokenizer, config=config_to_dict(cfg))
+    finally:
+        if ctx:
+            ctx.__exit__(None, None, None)

@@ -1,0 +1,203 @@
+"""The pre-training job, driver side: data -> shards -> tokenizer -> MLflow run -> TorchTrainer -> evaluation.
+
+``run_pretraining(cfg)`` is what ``jobs/pretrain.py`` calls. Each stage is skipped when its output already
+exists (synthetic data, shards, tokenizer), so a second run reuses the data made by the first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from volvlp_ray.config import Config, config_to_dict
+
+__all__ = ["ensure_ray", "ensure_shards", "ensure_tokenizer", "run_pretraining"]
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(cfg: Config) -> None:
+    """Join the cluster at ``$RAY_ADDRESS`` if set, else start a local Ray instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level=logging.WARNING)
+        print(f"[ray] joined cluster at {os.environ['RAY_ADDRESS']}: {ray.cluster_resources()}", flush=True)
+        return
+    # Logical CPUs: the training workers hold theirs for the whole run, and Ray Data's read/decode tasks
+    # need CPUs of their own beside them, so a small machine gets headroom over its core count.
+    need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    num_cpus = max(os.cpu_count() or 1, need) + max(2, need)
+    # the dashboard process serves the state API that Ray Train's controller polls
+    ray.init(num_cpus=num_cpus, include_dashboard=True, logging_level=logging.WARNING)
+    print(f"[ray] started a local instance with {num_cpus} logical CPUs", flush=True)
+
+
+def ensure_shards(cfg: Config) -> str:
+    """Synthetic data (if asked for) and WebDataset shards, each made only when missing or stale."""
+    from volvlp_ray.data.prepare import prepare_options, prepare_shards, shards_ready
+
+    source = cfg.data.source
+    if source == "synthetic":
+        from volvlp_ray.data.synthetic import generate_dataset
+
+        source = str(generate_dataset(cfg.workspace_path / "data" / "synthetic", cfg.data.num_volumes,
+                                      cfg.data.num_val_volumes, seed=cfg.seed))
+    if shards_ready(cfg.shards_path, prepare_options(cfg), os.path.abspath(source)):
+        print(f"[data] shards ready at {cfg.shards_path}", flush=True)
+    else:
+        prepare_shards(source, cfg.shards_path, cfg)
+    return source
+
+
+def ensure_tokenizer(cfg: Config) -> str:
+    """A tokenizer folder the workers load: built from the training reports for a scratch text tower
+    (cached by corpus and vocabulary size), else the pretrained model's own tokenizer."""
+    from volvlp_ray.data.pipeline import read_corpus
+    from volvlp_ray.models.text import build_tokenizer, load_tokenizer
+
+    root = cfg.workspace_path / "tokenizers"
+    if not cfg.model.text_model.startswith("scratch-"):
+        out = root / hashlib.sha1(cfg.model.text_model.encode()).hexdigest()[:12]
+        if not (out / "tokenizer_config.json").is_file():
+            load_tokenizer(cfg.model).save_pretrained(str(out))
+        return str(out)
+    manifest = json.loads((Path(cfg.shards_path) / "train" / "manifest.json").read_text())
+    key = hashlib.sha1(json.dumps([[s["sha256"] for s in manifest["shards"]], cfg.model.text_vocab_size])
+                       .encode()).hexdigest()[:12]
+    out = root / key
+    if not (out / "tokenizer_config.json").is_file():
+        corpus = read_corpus(cfg, "train")
+        tok = build_tokenizer(corpus, cfg.model.text_vocab_size)
+        tmp = root / f".{key}.tmp"
+        tok.save_pretrained(str(tmp))
+        os.replace(tmp, out)
+        print(f"[data] tokenizer built from {len(corpus)} reports: {len(tok)} tokens -> {out}", flush=True)
+    return str(out)
+
+
+def default_run_name(cfg: Config) -> str:
+    return f"{cfg.loss.kind}-{cfg.model.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def build_trainer(cfg: Config, run_name: str, tokenizer_dir: str, tracking_uri: str, run_id: str):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    import ray.data
+
+    from volvlp_ray.data.pipeline import build_dataset
+    from volvlp_ray.train.loop import train_loop_per_worker
+
+    # the loop prints its own progress; per-operator bars from the streaming split would flood the log
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+    env = {"env_vars": {"OMP_NUM_THREADS": str(cfg.scaling.cpus_per_worker), "TOKENIZERS_PARALLELISM": "false"}}
+    if not cfg.scaling.use_gpu:
+        env["env_vars"]["DS_ACCELERATOR"] = "cpu"
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config_to_dict(cfg), "tokenizer_dir": tokenizer_dir,
+                           "tracking_uri": tracking_uri, "run_id": run_id},
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(cfg.workspace_path / "ray_results"),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            worker_runtime_env=env,
+        ),
+        datasets={"train": build_dataset(cfg, "train", tokenizer_dir)},
+    )
+
+
+def run_pretraining(cfg: Config) -> dict[str, Any]:
+    """The whole job. Returns {run_name, run_id, checkpoint, export, metrics}."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from volvlp_ray.tracking import resolve_tracking_uri, start_run
+
+    t0 = time.time()
+    ensure_ray(cfg)
+    ensure_shards(cfg)
+    tokenizer_dir = ensure_tokenizer(cfg)
+    run_name = cfg.run_name or default_run_name(cfg)
+    tracking_uri = resolve_tracking_uri(cfg)
+    run_id = start_run(cfg, run_name)
+    client = MlflowClient(tracking_uri)
+    print(f"[mlflow] run {run_name} ({run_id}) at {tracking_uri}", flush=True)
+    try:
+        trainer = build_trainer(cfg, run_name, tokenizer_dir, tracking_uri, run_id)
+        print(f"[train] {cfg.scaling.num_workers} workers, {cfg.train.steps} steps, global batch "
+              f"{cfg.train.batch_size * cfg.scaling.num_workers}, ZeRO-{cfg.train.zero_stage}, {cfg.loss.kind} loss",
+              flush=True)
+        t_fit = time.time()
+        result = trainer.fit()
+        fit_s = time.time() - t_fit
+        if result.error:
+            raise result.error
+        ckpt_dir = result.checkpoint.path
+        export_dir = os.path.join(ckpt_dir, "export")
+        print(f"[train] done in {fit_s:.0f}s; checkpoint {ckpt_dir}", flush=True)
+        client.log_metric(run_id, "train/fit_seconds", fit_s)
+        client.log_artifacts(run_id, export_dir, "model")
+        metrics: dict[str, float] = {}
+        if cfg.eval.at_end:
+            metrics = evaluate_export(cfg, export_dir, tokenizer_dir, client, run_id)
+        client.log_metric(run_id, "job/seconds", time.time() - t0)
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    print(f"[job] finished in {time.time() - t0:.0f}s; MLflow run {run_id}; "
+          f"view with: mlflow ui --backend-store-uri {tracking_uri}", flush=True)
+    return {"run_name": run_name, "run_id": run_id, "checkpoint": ckpt_dir, "export": export_dir,
+            "tracking_uri": tracking_uri, "metrics": metrics}
+
+
+def evaluate_export(cfg: Config, export_dir: str, tokenizer_dir: str, client, run_id: str) -> dict[str, float]:
+    import tempfile
+
+    from volvlp_ray.eval.run import evaluate_model
+    from volvlp_ray.models import VLP
+
+    model = VLP.from_pretrained(export_dir)
+    with tempfile.TemporaryDirectory() as plots_dir:
+        res = evaluate_model(model, cfg, "valid", tokenizer_dir, plots_dir=plots_dir)
+        for p in res["plots"]:
+            client.log_artifact(run_id, p, "plots")
+    m = res["metrics"]
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, cfg.train.steps) for k, v in m.items()]
+    for i in range(0, len(batch), 500):
+        client.log_batch(run_id, metrics=batch[i : i + 500])
+    print(_summary(m), flush=True)
+    return m
+
+
+def _summary(m: dict[str, float]) -> str:
+    from volvlp_ray.data.ctrate import LABELS
+
+    lines = [f"[eval] held-out split: {int(m['eval/n'])} volumes"]
+    for d in ("t2v", "v2t"):
+        ks = sorted(int(k.rsplit("_", 1)[1]) for k in m if k.startswith(f"eval/{d}/recall_at_") and "random" not in k)
+        lines.append(f"[eval] {d}: " + "  ".join(
+            f"R@{k} {m[f'eval/{d}/recall_at_{k}']:.3f} (random {m[f'eval/{d}/recall_at_{k}_random']:.3f})" for k in ks))
+    lines.append(f"[eval] zero-shot mean AUROC {m.get('eval/zeroshot/mean/auroc', float('nan')):.3f}")
+    for label in LABELS:
+        key = "eval/zeroshot/per_label/" + "".join(c if c.isalnum() or c in "-_./ " else "_" for c in label) + "/auroc"
+        if key in m:
+            lines.append(f"[eval]   {label:36s} AUROC {m[key]:.3f}")
+    return "\n".join(lines)
