@@ -83,7 +83,8 @@ def test_preprocess_is_ras_with_variable_depth(tmp_path):
     mid = v[v.shape[0] // 2].astype(float)
     bone_rows = np.nonzero((mid > 300).any(axis=1))[0]
     assert bone_rows.mean() < 32, "spine must be posterior: low y index (y increases toward anterior)"
-    heart = (mid > 90) & (mid < 200)
+    at_heart = v[int(0.38 * v.shape[0])].astype(float)  # heart centre: 38 % of the scan length (synthetic.ORGAN_EXTENT)
+    heart = (at_heart > 90) & (at_heart < 200)
     assert np.nonzero(heart)[1].mean() < 32, "heart is left of midline: low x index (x increases toward right)"
     assert np.nonzero(heart)[0].mean() > 32, "heart is anterior: high y index"
     # superior slices hold the trachea (air inside the body at the top), inferior ones the liver

@@ -102,3 +102,20 @@ def test_second_run_reuses_data(tiny_run):
     assert p.returncode == 0
     out = p.stdout + p.stderr
     assert "synthetic dataset already at" in out and "shards ready" in out and "tokenizer built" not in out
+
+
+def test_swca_with_grad_cache_through_the_job(tmp_path):
+    """SWCA (soft targets from label and spatial affinity) with embedding-gradient caching under DeepSpeed."""
+    from mlflow.tracking import MlflowClient
+
+    p = run_job(f"workspace={tmp_path}", "run_name=gc", "loss.kind=swca", "loss.alpha=0.5",
+                "train.grad_cache_micro_batch=2", "train.steps=2", "train.checkpoint_every=2", "train.log_every=1",
+                "eval.at_end=false")
+    assert p.returncode == 0
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("volvlp_ray")
+    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`volvlp.run_name` = 'gc'")
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    lrs = [m.value for m in client.get_metric_history(run.info.run_id, "train/lr")]
+    assert len(losses) == 2 and all(0 < v < 100 for v in losses)
+    assert lrs[0] != lrs[1]  # one optimizer/scheduler step per global step, not per micro-batch

@@ -46,9 +46,9 @@ class ConfigError(ValueError):
 class DataConfig:
     source: str = "synthetic"
     """"synthetic" or a folder in the CT-RATE layout (NIfTI volumes + reports/metadata/labels CSVs)."""
-    num_volumes: int = 192
+    num_volumes: int = 1000
     """Synthetic training volumes to generate (ignored for a real source)."""
-    num_val_volumes: int = 64
+    num_val_volumes: int = 128
     """Synthetic held-out volumes (the "validation" split)."""
     spacing: list[float] = field(default_factory=lambda: [8.0, 6.0, 6.0])
     """Target voxel spacing (z, y, x) in mm after resampling. CT-CLIP uses [1.5, 0.75, 0.75]."""
@@ -65,8 +65,8 @@ class DataConfig:
     of the organs it covers plus a general sentence (SigVLP)."""
     chunk_depth: list[int] = field(default_factory=lambda: [16, 48])
     """Bounds (slices) of a random z-chunk in "organ" mode; rounded to multiples of the z patch."""
-    max_text_length: int = 64
-    """Tokens per report after tokenisation (truncation)."""
+    max_text_length: int = 192
+    """Tokens per text (longer texts are truncated; the loop logs the truncated fraction)."""
     shuffle_buffer: int = 64
     """Local shuffle buffer (rows) of the training stream."""
     prepare_parallelism: int = 0
@@ -97,8 +97,9 @@ class ModelConfig:
     """Freeze the text embeddings and this many first layers."""
     init_logit_scale: float = 10.0
     """Initial (exponentiated) logit scale = 1 / temperature."""
-    init_logit_bias: float = -10.0
-    """Initial logit bias (sigmoid losses)."""
+    init_logit_bias: float = -5.0
+    """Initial logit bias (sigmoid losses). SigLIP's -10 suits global batches of ~32k; for a batch of B the
+    bias-only optimum is about -log(B), and starting far below it costs hundreds of steps on small runs."""
     grad_checkpointing: bool = False
     """Activation checkpointing in the vision blocks."""
 
@@ -121,13 +122,13 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 400
+    steps: int = 600
     """Optimizer steps."""
     batch_size: int = 16
     """Samples per worker per step (the global batch is this times the number of workers)."""
     lr: float = 1e-3
     min_lr_ratio: float = 0.05
-    warmup_steps: int = 40
+    warmup_steps: int = 50
     weight_decay: float = 0.05
     optimizer: str = "adamw"
     """adamw | muon (Muon for hidden matrices, AdamW at ``lr`` for the rest)."""
@@ -135,7 +136,7 @@ class TrainConfig:
     """Learning rate of the Muon half when ``optimizer=muon``."""
     zero_stage: int = 2
     grad_clip: float = 1.0
-    checkpoint_every: int = 200
+    checkpoint_every: int = 300
     """Report a DeepSpeed checkpoint through ray.train.report every N steps (and at the end)."""
     num_to_keep: int = 2
     log_every: int = 10

@@ -90,7 +90,9 @@ class _ToRow:
         else:
             n, start = depth, 0
             text = s["report"]
-        tok = _tokenizer(self.tokenizer_dir)(text, max_length=self.max_len, truncation=True, padding="max_length")
+        tokenizer = _tokenizer(self.tokenizer_dir)
+        tok = tokenizer(text, max_length=self.max_len, truncation=True, padding="max_length")
+        truncated = len(tokenizer(text)["input_ids"]) > self.max_len
         return [{
             "key": s["key"],
             "volume": np.ascontiguousarray(vol),
@@ -100,6 +102,7 @@ class _ToRow:
             "labels": np.asarray(meta["labels"], dtype=np.float32),
             "study_id": study_id(s["key"]),
             "z_center_mm": np.float32(z0_mm + (start + n / 2 - 0.5) * sz),
+            "text_truncated": bool(truncated),
         }]
 
 
@@ -131,7 +134,7 @@ def collate(batch: dict[str, np.ndarray], patch_z: int, hu_window: tuple[float, 
 
     Returns ``volume`` (B, 1, D, H, W) float32 in [-1, 1] with D the largest depth rounded up to a multiple of
     ``patch_z`` (padding with air, -1), ``depths`` (B,), ``input_ids``/``attention_mask`` (B, T) int64,
-    ``labels`` (B, L), ``study_id`` (B,), ``z_center_mm`` (B,).
+    ``labels`` (B, L), ``study_id`` (B,), ``z_center_mm`` (B,), ``text_truncated`` (B,) bool.
     """
     vols = list(batch["volume"])
     depths = np.asarray([v.shape[0] for v in vols], dtype=np.int64)
@@ -148,4 +151,5 @@ def collate(batch: dict[str, np.ndarray], patch_z: int, hu_window: tuple[float, 
         "labels": torch.as_tensor(np.stack(list(batch["labels"])), dtype=torch.float32),
         "study_id": torch.tensor(np.asarray(batch["study_id"]), dtype=torch.long),
         "z_center_mm": torch.tensor(np.asarray(batch["z_center_mm"]), dtype=torch.float32),
+        "text_truncated": torch.tensor(np.asarray(batch.get("text_truncated", np.zeros(len(vols), bool))), dtype=torch.bool),
     }

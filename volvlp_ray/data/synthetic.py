@@ -165,14 +165,14 @@ def _render(rng: np.random.Generator, labels: dict[str, int], grid, extent: floa
         m = (np.abs(x + 60 * s) < 12) & (np.abs(y - 88 * s) < 4) & (np.abs(z - 0.82 * E) < 14)
         hu[m] = 3000.0
     if labels["Arterial wall calcification"]:
-        for _ in range(rng.integers(3, 7)):
+        for _ in range(rng.integers(4, 8)):
             a, zz = rng.uniform(0, 2 * np.pi), rng.uniform(0.1, 0.6) * E
-            hu[_ellipsoid(grid, (-25 * s + 12 * np.cos(a), -48 + 12 * np.sin(a), zz), (4, 4, 5))] = 800.0
+            hu[_ellipsoid(grid, (-25 * s + 12 * np.cos(a), -48 + 12 * np.sin(a), zz), (7, 7, 8))] = 800.0
     if labels["Coronary artery wall calcification"]:
-        for _ in range(rng.integers(2, 5)):
+        for _ in range(rng.integers(3, 6)):
             a = rng.uniform(0.2, 1.2)
             zz = rng.uniform(0.35, 0.48) * E
-            hu[_ellipsoid(grid, (hc[0] + hr[0] * np.cos(a) * 0.9, hc[1] + hr[1] * np.sin(a) * 0.9, zz), (4, 4, 5))] = 700.0
+            hu[_ellipsoid(grid, (hc[0] + hr[0] * np.cos(a) * 0.9, hc[1] + hr[1] * np.sin(a) * 0.9, zz), (7, 7, 8))] = 700.0
     if labels["Hiatal hernia"]:
         c = (-8, -28, 0.26 * E)
         hu[_ellipsoid(grid, c, (22, 18, 0.07 * E))] = 30.0
@@ -321,7 +321,7 @@ def generate_dataset(
     """Write the synthetic dataset to ``root`` in the CT-RATE layout (skipped when already complete)."""
     root = Path(root)
     stamp = root / "COMPLETE.json"
-    want = {"num_train": num_train, "num_valid": num_valid, "seed": seed, "version": 1}
+    want = {"num_train": num_train, "num_valid": num_valid, "seed": seed, "version": 2}
     if stamp.is_file() and json.loads(stamp.read_text()) == want:
         if progress:
             print(f"[data] synthetic dataset already at {root} ({num_train} train / {num_valid} valid)", flush=True)

@@ -113,7 +113,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             loss_fn, micro, backward_fn=backward,
         )
 
-    t_last, samples_since, wait_time = time.perf_counter(), 0, 0.0
+    t_last, samples_since, wait_time, truncated = time.perf_counter(), 0, 0.0, 0
     done = step >= cfg.train.steps
     for epoch in itertools.count():
         if done:
@@ -145,6 +145,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 )
             step += 1
             samples_since += b["volume"].shape[0] * world
+            truncated += int(b["text_truncated"].sum())
 
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 global_loss = loss.float().clone()
@@ -160,6 +161,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "train/logit_bias": float(m.logit_bias.detach().float()),
                     "train/samples_per_s": samples_since / max(now - t_last, 1e-9),
                     "train/data_wait_fraction": wait_time / max(now - t_last, 1e-9),
+                    "train/text_truncated_fraction": truncated * world / max(samples_since, 1),
                     "train/epoch": float(epoch),
                 }
                 if logger:
@@ -167,7 +169,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     print(f"[train] step {step}/{cfg.train.steps} loss {metrics['train/loss']:.4f} "
                           f"lr {metrics['train/lr']:.2e} scale {metrics['train/logit_scale']:.1f} "
                           f"{metrics['train/samples_per_s']:.1f} samples/s", flush=True)
-                t_last, samples_since, wait_time = now, 0, 0.0
+                t_last, samples_since, wait_time, truncated = now, 0, 0.0, 0
 
             final = step >= cfg.train.steps
             if step % cfg.train.checkpoint_every == 0 or final:

@@ -99,7 +99,13 @@ def build_trainer(cfg: Config, run_name: str, tokenizer_dir: str, tracking_uri: 
     # the loop prints its own progress; per-operator bars from the streaming split would flood the log
     ray.data.DataContext.get_current().enable_progress_bars = False
 
-    env = {"env_vars": {"OMP_NUM_THREADS": str(cfg.scaling.cpus_per_worker), "TOKENIZERS_PARALLELISM": "false"}}
+    env = {"env_vars": {
+        "OMP_NUM_THREADS": str(cfg.scaling.cpus_per_worker),
+        "TOKENIZERS_PARALLELISM": "false",
+        # rank 0's progress lines go to stdout, which Ray forwards to the driver (Train's print patch would
+        # route them to a logger that the driver does not show)
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }}
     if not cfg.scaling.use_gpu:
         env["env_vars"]["DS_ACCELERATOR"] = "cpu"
     return TorchTrainer(

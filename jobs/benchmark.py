@@ -1,0 +1,29 @@
+"""Benchmarks with JSON output.
+
+    python jobs/benchmark.py loss --out loss.json     # global losses: per-rank peak memory and time vs world size,
+                                                      # all-gather vs ring (gloo processes on this machine)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUITES = {"loss": "volvlp_ray.benchmarks.loss"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="suite", required=True)
+    modules = {}
+    for name, module in SUITES.items():
+        modules[name] = importlib.import_module(module)
+        modules[name].add_arguments(sub.add_parser(name, help=(modules[name].__doc__ or "").splitlines()[0]))
+    args = parser.parse_args(argv)
+    modules[args.suite].main(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
