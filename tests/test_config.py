@@ -71,3 +71,9 @@ def test_cli_parsing_and_none():
     assert cfg.train.steps == 3 and cfg.run_name is None and cfg.tracking.tracking_uri == "sqlite:///x.db"
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent.yaml")
+
+
+def test_cluster_runtime_env_parses():
+    env = yaml.safe_load((Path(__file__).parents[1] / "cluster" / "runtime_env.yaml").read_text())
+    assert "workspace/" in env["excludes"] and ".venv/" in env["excludes"]
+    assert all(isinstance(v, str) for v in env["env_vars"].values())

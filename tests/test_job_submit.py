@@ -57,13 +57,15 @@ def test_ray_job_submit_runs_pretraining(ray_head, tmp_path):
     address, env = ray_head
     ws = tmp_path / "ws"
     bin_dir = Path(sys.executable).parent
-    p = subprocess.run(
-        [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
-         "python", "jobs/pretrain.py", "--config", "configs/tiny.yaml", f"workspace={ws}", "run_name=submitted",
-         "eval.at_end=false"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )
-    out = p.stdout + p.stderr
+    cmd = [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
+           "python", "jobs/pretrain.py", "--config", "configs/tiny.yaml", f"workspace={ws}", "run_name=submitted",
+           "eval.at_end=false"]
+    for _ in range(30):  # the job server answers before the head's job agent is registered
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        out = p.stdout + p.stderr
+        if "No available agent" not in out:
+            break
+        time.sleep(3)
     assert p.returncode == 0, out[-6000:]
     assert "joined cluster" in out and "succeeded" in out.lower()
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")

@@ -208,7 +208,7 @@ def test_vit_from_config_and_logit_scale(tokenizer):
     assert out["image_features"].shape == out["text_features"].shape == (2, 128)
     torch.testing.assert_close(out["image_features"].norm(dim=-1), torch.ones(2))
     assert out["logit_scale"].item() == pytest.approx(10.0)
-    assert out["logit_bias"].item() == pytest.approx(-10.0)
+    assert out["logit_bias"].item() == pytest.approx(ModelConfig().init_logit_bias)
     # 0-dim outputs (the losses' contract) from (1,)-shaped parameters (DeepSpeed broadcasts need >= 1 dim)
     assert out["logit_scale"].ndim == 0 and out["logit_bias"].ndim == 0
     assert model.logit_scale.ndim == 1 and model.logit_bias.ndim == 1

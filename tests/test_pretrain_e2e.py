@@ -63,7 +63,7 @@ def test_checkpoint_and_export(tiny_run):
 
     ws, _ = tiny_run
     run_dir = ws / "ray_results" / "e2e"
-    ckpts = sorted(run_dir.glob("checkpoint_*"))
+    ckpts = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert len(ckpts) == 2  # steps 3 and 6 (num_to_keep=2)
     last = ckpts[-1]
     shards = {p.name for p in (last / "ckpt").iterdir()}

@@ -36,7 +36,8 @@ def ensure_ray(cfg: Config) -> None:
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     num_cpus = max(os.cpu_count() or 1, need) + max(2, need)
     # the dashboard process serves the state API that Ray Train's controller polls
-    ray.init(num_cpus=num_cpus, include_dashboard=True, logging_level=logging.WARNING)
+    # address="local": always a new instance of our own, never a cluster some `ray start` left on this machine
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, logging_level=logging.WARNING)
     print(f"[ray] started a local instance with {num_cpus} logical CPUs", flush=True)
 
 
