@@ -24,10 +24,14 @@ def ray_head(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     port, dash = free_port(), free_port()
+    # every agent port explicit: another Ray instance on this machine (the suite's own, a user's) holds defaults
+    # such as the dashboard agent's 52365, and a head whose agent cannot bind accepts no jobs
+    agent_ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                   f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
     bin_dir = Path(sys.executable).parent
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
-         "--dashboard-host=127.0.0.1", "--num-cpus=4", "--include-dashboard=true"],
+         "--dashboard-host=127.0.0.1", "--num-cpus=4", "--include-dashboard=true", *agent_ports],
         env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash}"
