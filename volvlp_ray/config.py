@@ -10,7 +10,6 @@ An unknown key anywhere is an error that names the valid keys at that level.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import types
 import typing
@@ -32,6 +31,7 @@ __all__ = [
     "TrainConfig",
     "config_from_dict",
     "config_to_dict",
+    "dump_yaml",
     "flatten",
     "load_config",
     "parse_cli",
@@ -379,6 +379,3 @@ def parse_cli(argv: list[str] | None = None, description: str = "") -> tuple[Con
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
-
-def replace(cfg: Config, **changes: Any) -> Config:
-    return dataclasses.replace(cfg, **changes)

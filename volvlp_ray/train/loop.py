@@ -53,7 +53,6 @@ def _seed_everything(seed: int) -> None:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
-    from ray.train import Checkpoint
     from transformers import AutoTokenizer
 
     from volvlp_ray.data.pipeline import collate
@@ -173,15 +172,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
             final = step >= cfg.train.steps
             if step % cfg.train.checkpoint_every == 0 or final:
-                _save_and_report(engine, cfg, step, float(loss), rank, final, tokenizer, loop_config)
+                _save_and_report(engine, cfg, step, float(loss), rank, final, tokenizer)
             if final:
                 done = True
                 break
             t_wait = time.perf_counter()
 
 
-def _save_and_report(engine, cfg: Config, step: int, loss: float, rank: int, final: bool, tokenizer,
-                     loop_config: dict) -> None:
+def _save_and_report(engine, cfg: Config, step: int, loss: float, rank: int, final: bool, tokenizer) -> None:
     """Every rank writes its DeepSpeed shard to a local folder; ``ray.train.report`` merges them in storage."""
     import ray.train
     from ray.train import Checkpoint
@@ -189,14 +187,14 @@ def _save_and_report(engine, cfg: Config, step: int, loss: float, rank: int, fin
     with tempfile.TemporaryDirectory(prefix="volvlp-ckpt-") as tmp:
         engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={"step": step})
         if final:
-            _export(engine, cfg, rank, tokenizer, os.path.join(tmp, "export"), loop_config)
+            _export(engine, cfg, rank, tokenizer, os.path.join(tmp, "export"))
         if rank == 0:
             with open(os.path.join(tmp, "config.yaml"), "w") as f:
                 f.write(dump_yaml(cfg))
         ray.train.report({"step": step, "loss": loss}, checkpoint=Checkpoint.from_directory(tmp))
 
 
-def _export(engine, cfg: Config, rank: int, tokenizer, path: str, loop_config: dict) -> None:
+def _export(engine, cfg: Config, rank: int, tokenizer, path: str) -> None:
     """Consolidated weights (gathered under ZeRO-3) -> ``VLP.save_pretrained`` on rank 0."""
     import deepspeed
 

@@ -129,7 +129,6 @@ def build_trainer(cfg: Config, run_name: str, tokenizer_dir: str, tracking_uri: 
 
 def run_pretraining(cfg: Config) -> dict[str, Any]:
     """The whole job. Returns {run_name, run_id, checkpoint, export, metrics}."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     from volvlp_ray.tracking import resolve_tracking_uri, start_run
