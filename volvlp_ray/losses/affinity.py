@@ -31,6 +31,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from volvlp_ray.data.ctrate import LABELS
+
 __all__ = [
     "META_KEYS",
     "CT_RATE_ABNORMALITIES",
@@ -45,27 +47,8 @@ __all__ = [
 META_KEYS: tuple[str, ...] = ("study_id", "z_center_mm", "labels")
 """Per-sample metadata a loss may consume (``**meta`` of the loss call)."""
 
-CT_RATE_ABNORMALITIES: tuple[str, ...] = (
-    "Medical material",
-    "Arterial wall calcification",
-    "Cardiomegaly",
-    "Pericardial effusion",
-    "Coronary artery wall calcification",
-    "Hiatal hernia",
-    "Lymphadenopathy",
-    "Emphysema",
-    "Atelectasis",
-    "Lung nodule",
-    "Lung opacity",
-    "Pulmonary fibrotic sequela",
-    "Pleural effusion",
-    "Mosaic attenuation pattern",
-    "Peribronchial thickening",
-    "Consolidation",
-    "Bronchiectasis",
-    "Interlobular septal thickening",
-)
-"""The 18 CT-RATE abnormality labels, in the order of the dataset's label CSV."""
+CT_RATE_ABNORMALITIES: tuple[str, ...] = LABELS
+"""The 18 CT-RATE abnormality labels, in the order of the dataset's label CSV (``volvlp_ray.data.ctrate.LABELS``)."""
 
 
 def check_meta(meta: Mapping[str, Tensor | None], required: Sequence[str], batch: int, owner: str) -> None:
