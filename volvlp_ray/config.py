@@ -158,10 +158,57 @@ class ScalingConfig:
 class EvalConfig:
     at_end: bool = True
     """Evaluate the trained model on the held-out split at the end of pre-training."""
-    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10, 50, 100])
+    """Cut-offs of Recall@K (report<->volume) and of the volume->volume label-Jaccard@K. A K at or above the
+    number of evaluated volumes is capped at N (its recall and random baseline are then 1) and counted in
+    ``n_ks_capped``; the evaluate job lists such Ks under ``ks_capped``."""
     prompts: list[str] = field(default_factory=lambda: ["{label} is present.", "{label} is not present."])
+    """Zero-shot (positive, negative) prompt templates with a ``{label}`` field; the score of a label is the
+    softmax over the pair, taken at the positive prompt (CT-CLIP protocol)."""
     batch_size: int = 16
+    """Volumes per forward pass when embedding a split."""
     n_bootstrap: int = 200
+    """Bootstrap resamples for the CIs of the training-end evaluation (0 = none). ``jobs/evaluate.py`` uses
+    1000 (the CT-CLIP protocol) unless ``eval.n_bootstrap`` is given on its command line or ``--config``."""
+    volume_mode: str = "whole"
+    """How a volume of any depth becomes one embedding: "whole" (one forward pass over all slices) or
+    "sliding" (z-chunks of ``chunk_depth`` slices every ``chunk_stride`` slices, pooled by ``chunk_pool``)."""
+    chunk_depth: int = 48
+    """Sliding mode: slices per chunk (rounded down to a multiple of the z patch); a volume no deeper than this
+    is one chunk. Match ``data.chunk_depth`` of an organ-mode (SigVLP) model."""
+    chunk_stride: int = 24
+    """Sliding mode: slices between chunk starts; the last chunk always ends at the last slice."""
+    chunk_pool: str = "mean"
+    """Sliding mode: mean | max over the chunks' L2-normalised features (re-normalised afterwards)."""
+    probe: bool = True
+    """Evaluate job: fit a linear probe (logistic regression per label) on the frozen embeddings of the
+    training split and score it on the evaluated split (skipped, and said so, when there is no training split)."""
+    probe_train_volumes: int = 0
+    """Evaluate job: embed at most this many training volumes for the probe (the first in shard order);
+    0 = all."""
+    every: int = 0
+    """Validation during pre-training every N optimizer steps on ``val_volumes`` held-out volumes
+    (``volvlp_ray.eval.validation.Validator``); 0 = off. Off by default: the held-out evaluation at the end
+    covers the embedded default; set e.g. 100 for a learning curve (about a second per validation on CPU)."""
+    val_volumes: int = 32
+    """Held-out volumes (the first in shard order) that validation during pre-training embeds each time."""
+
+    def __post_init__(self) -> None:
+        if not self.ks or min(self.ks) < 1:
+            raise ConfigError(f"eval.ks must be a non-empty list of positive ints, got {self.ks}")
+        if len(self.prompts) != 2 or not all("{label}" in p for p in self.prompts):
+            raise ConfigError(f"eval.prompts must be a (positive, negative) pair of templates with '{{label}}', "
+                              f"got {self.prompts}")
+        if self.volume_mode not in ("whole", "sliding"):
+            raise ConfigError(f"eval.volume_mode={self.volume_mode!r} is not one of ['whole', 'sliding']")
+        if self.chunk_pool not in ("mean", "max"):
+            raise ConfigError(f"eval.chunk_pool={self.chunk_pool!r} is not one of ['mean', 'max']")
+        for name in ("batch_size", "chunk_depth", "chunk_stride", "val_volumes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("n_bootstrap", "probe_train_volumes", "every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"eval.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass

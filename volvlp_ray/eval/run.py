@@ -1,15 +1,20 @@
-"""Evaluate a model on a shard split: embeddings -> retrieval and zero-shot metrics (+ plots).
+"""Evaluate a model on a shard split: embeddings -> retrieval, zero-shot, linear probe metrics (+ plots).
 
     model = VLP.from_pretrained(export_dir)
     result = evaluate_model(model, cfg, split="valid")
-    result["metrics"]  # flat {name: float}, MLflow-ready; result["plots"]: PNG paths
+    result["metrics"]  # flat {name: float}, MLflow-ready; result["plots"]: PNG paths; result["report"]: for JSON
+
+Embeddings are whole-volume (``eval.volume_mode``: one pass, or sliding z-chunks pooled) and whole-report.
+Ray Data reads the shards (any filesystem it reads); the model runs in this process.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -17,28 +22,84 @@ import torch
 
 from volvlp_ray.config import Config
 
-__all__ = ["embed_split", "evaluate_model"]
+__all__ = ["embed_split", "evaluate_embeddings", "evaluate_model", "label_names_of", "prompt_embeddings"]
 
 log = logging.getLogger(__name__)
 
 
+def label_names_of(cfg: Config, split: str) -> list[str]:
+    """The label names of a split, in the order of each sample's ``labels`` (from its manifest)."""
+    from volvlp_ray.data.ctrate import LABELS
+    from volvlp_ray.data.shards import read_manifest
+
+    return [str(n) for n in read_manifest(f"{cfg.shards_path}/{split}").get("labels", LABELS)]
+
+
+def split_size(cfg: Config, split: str) -> int:
+    from volvlp_ray.data.shards import read_manifest
+
+    return int(read_manifest(f"{cfg.shards_path}/{split}")["num_samples"])
+
+
+def split_dataset(cfg: Config, split: str, tokenizer_dir: str, max_volumes: int = 0):
+    """Ray Dataset of eval rows (whole volume, whole report) of ``split``; with ``max_volumes`` > 0 the first
+    ``max_volumes`` rows in shard order (a fixed subset: order is preserved for this read)."""
+    from volvlp_ray.data.pipeline import build_dataset
+
+    ds = build_dataset(cfg, split, tokenizer_dir, training=False)
+    if max_volumes > 0:
+        ds.context.execution_options.preserve_order = True  # this dataset's own context copy
+        ds = ds.limit(max_volumes)
+    return ds
+
+
+def _model_inputs(model) -> tuple[torch.device, torch.dtype, int]:
+    return model.device, model.vision.patch_embed.weight.dtype, int(model.vision.patch[0])
+
+
 @torch.no_grad()
-def embed_split(model, cfg: Config, split: str, tokenizer_dir: str) -> dict[str, np.ndarray]:
-    """Whole-volume and whole-report embeddings of a split (Ray Data read, model on this process)."""
-    from volvlp_ray.data.pipeline import build_dataset, collate
+def embed_split(
+    model,
+    cfg: Config,
+    split: str,
+    tokenizer_dir: str,
+    max_volumes: int = 0,
+    progress: str | None = None,
+) -> dict[str, np.ndarray]:
+    """Volume and report embeddings of a split, sorted by sample key.
+
+    Args:
+        model: a VLP; put in eval mode (left so).
+        max_volumes: > 0: only the first ``max_volumes`` samples in shard order.
+        progress: a name to print progress lines under (``[eval] <name>: 96/128 volumes``), or None.
+
+    Returns:
+        ``volume`` ``(N, E)``, ``text`` ``(N, E)`` (float32, L2-normalised), ``labels`` ``(N, L)``, ``keys`` ``(N,)``.
+    """
+    from volvlp_ray.data.pipeline import collate
+    from volvlp_ray.eval.embed import encode_volumes
 
     model.eval()
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    ds = build_dataset(cfg, split, tokenizer_dir, training=False)
+    device, dtype, patch_z = _model_inputs(model)
+    total = split_size(cfg, split)
+    total = min(total, max_volumes) if max_volumes > 0 else total
+    ds = split_dataset(cfg, split, tokenizer_dir, max_volumes)
+    e = cfg.eval
     vols, texts, labels, keys = [], [], [], []
-    for batch in ds.iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy"):
-        b = collate(batch, cfg.model.patch[0], tuple(cfg.data.hu_window))
-        vols.append(model.encode_image(b["volume"].to(device, dtype), b["depths"].to(device)).float().cpu())
+    t0 = t_print = time.time()
+    for batch in ds.iter_batches(batch_size=e.batch_size, batch_format="numpy"):
+        b = collate(batch, patch_z, tuple(cfg.data.hu_window))
+        vols.append(encode_volumes(model, b["volume"].to(device, dtype), b["depths"].to(device), e.volume_mode,
+                                   e.chunk_depth, e.chunk_stride, e.chunk_pool).float().cpu())
         texts.append(model.encode_text(b["input_ids"].to(device), b["attention_mask"].to(device)).float().cpu())
         labels.append(b["labels"].numpy())
         keys.extend(str(k) for k in batch["key"])
-    order = np.argsort(keys)  # deterministic order regardless of block scheduling
+        if progress and (time.time() - t_print > 10 or len(keys) >= total):
+            t_print = time.time()
+            print(f"[eval] {progress}: embedded {len(keys)}/{total} volumes ({t_print - t0:.0f}s)", flush=True)
+    if not keys:
+        raise ValueError(f"split {split!r} under {cfg.shards_path} gave no usable samples")
+    order = np.argsort(keys, kind="stable")  # deterministic order regardless of block scheduling
     return {
         "volume": torch.cat(vols).numpy()[order],
         "text": torch.cat(texts).numpy()[order],
@@ -47,40 +108,138 @@ def embed_split(model, cfg: Config, split: str, tokenizer_dir: str) -> dict[str,
     }
 
 
-def evaluate_model(model, cfg: Config, split: str = "valid", tokenizer_dir: str | None = None,
-                   plots_dir: str | None = None) -> dict[str, Any]:
-    from volvlp_ray.data.ctrate import LABELS
+@torch.no_grad()
+def prompt_embeddings(model, label_names: Sequence[str], templates: Sequence[str], max_length: int,
+                      tokenizer=None) -> tuple[np.ndarray, np.ndarray]:
+    """``(L, E)`` embeddings of the positive and the negative prompt of every label (model in its current mode).
+
+    ``tokenizer``: defaults to ``model.tokenizer``."""
+    from volvlp_ray.eval.zeroshot import build_prompts
+
+    tok = tokenizer if tokenizer is not None else model.tokenizer
+    if tok is None:
+        raise ValueError("zero-shot prompts need a tokenizer: pass tokenizer= or attach model.tokenizer")
+    pos, neg = build_prompts(label_names, tuple(templates))
+    enc = tok(pos + neg, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    device = model.device
+    emb = model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float().cpu().numpy()
+    return emb[: len(pos)], emb[len(pos):]
+
+
+def _color_labels(labels: np.ndarray, names: Sequence[str], n: int = 2) -> tuple[str, ...]:
+    """The ``n`` labels whose prevalence is closest to 1/2 (the most informative colourings)."""
+    prev = labels.mean(0)
+    ok = [j for j in np.argsort(np.abs(prev - 0.5), kind="stable") if 0 < prev[j] < 1]
+    return tuple(names[j] for j in ok[:n])
+
+
+def _drop_arrays(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if not isinstance(v, np.ndarray)}
+
+
+def evaluate_embeddings(
+    emb: dict[str, np.ndarray],
+    pos_emb: np.ndarray,
+    neg_emb: np.ndarray,
+    logit_scale: float,
+    label_names: Sequence[str],
+    cfg: Config,
+    n_bootstrap: int | None = None,
+    train_emb: dict[str, np.ndarray] | None = None,
+    plots_dir: str | None = None,
+    prefix: str = "eval/",
+) -> dict[str, Any]:
+    """All metrics of embedded volumes/reports: retrieval both ways, volume->volume label-Jaccard@K, zero-shot
+    (CT-CLIP protocol, bootstrap CIs) and, given ``train_emb``, a linear probe fitted on it.
+
+    Args:
+        emb: :func:`embed_split` of the evaluated split (``N`` cases); train_emb: of the probe's training split.
+        pos_emb, neg_emb: :func:`prompt_embeddings`; logit_scale: the model's exponentiated scale.
+        n_bootstrap: resamples for CIs (default ``cfg.eval.n_bootstrap``).
+
+    Returns:
+        ``metrics`` (flat, keys under ``prefix``), ``report`` (nested, JSON-ready: ``retrieval``, ``v2v``,
+        ``zeroshot``, ``probe``, ``ks_capped``…), ``zeroshot``, ``retrieval``, ``plots`` (PNG paths).
+    """
+    from volvlp_ray.eval.probe import linear_probe
     from volvlp_ray.eval.retrieval import bidirectional_retrieval, label_jaccard_at_k
-    from volvlp_ray.eval.zeroshot import build_prompts, classification_metrics, flatten_metrics, zero_shot_scores
+    from volvlp_ray.eval.zeroshot import classification_metrics, flatten_metrics, zero_shot_scores
 
-    t0 = time.time()
-    if tokenizer_dir is None:
-        tokenizer_dir = tempfile.mkdtemp(prefix="volvlp-tok-")
-        model.tokenizer.save_pretrained(tokenizer_dir)
-    emb = embed_split(model, cfg, split, tokenizer_dir)
+    names = list(label_names)
     n = len(emb["keys"])
-    metrics: dict[str, float] = {"eval/n": float(n)}
-    retrieval = bidirectional_retrieval(emb["text"], emb["volume"], ks=tuple(cfg.eval.ks))
-    metrics.update({f"eval/{k}": float(v) for k, v in retrieval.items()})
-    jac = label_jaccard_at_k(emb["volume"], emb["labels"], ks=tuple(k for k in cfg.eval.ks if k < n))
-    metrics.update({f"eval/v2v/{k}": float(v) for k, v in jac.items()})
+    ks = tuple(cfg.eval.ks)
+    n_boot = cfg.eval.n_bootstrap if n_bootstrap is None else n_bootstrap
+    metrics: dict[str, float] = {f"{prefix}n": float(n)}
+    retrieval = bidirectional_retrieval(emb["text"], emb["volume"], ks=ks)
+    metrics.update({f"{prefix}{k}": float(v) for k, v in retrieval.items()})
+    if n >= 2:
+        v2v = label_jaccard_at_k(emb["volume"], emb["labels"], ks=ks)
+        metrics.update({f"{prefix}v2v/{k}": float(v) for k, v in v2v.items()})
+    else:
+        v2v = {"skipped": "volume->volume retrieval needs at least 2 volumes"}
 
-    pos, neg = build_prompts(LABELS, tuple(cfg.eval.prompts))
-    with torch.no_grad():
-        pos_emb = model.embed_text(pos, max_length=cfg.data.max_text_length).float().cpu().numpy()
-        neg_emb = model.embed_text(neg, max_length=cfg.data.max_text_length).float().cpu().numpy()
-    scale = float(model.logit_scale.detach().float().exp())
-    scores = zero_shot_scores(emb["volume"], pos_emb, neg_emb, logit_scale=scale)
-    zs = classification_metrics(scores, emb["labels"], list(LABELS), n_bootstrap=cfg.eval.n_bootstrap, seed=cfg.seed)
-    metrics.update(flatten_metrics(zs, "eval/zeroshot/"))
+    scores = zero_shot_scores(emb["volume"], pos_emb, neg_emb, logit_scale=logit_scale)
+    zs = classification_metrics(scores, emb["labels"], names, n_bootstrap=n_boot, seed=cfg.seed)
+    metrics.update(flatten_metrics(zs, f"{prefix}zeroshot/"))
+
+    probe: dict[str, Any] | None = None
+    if train_emb is not None:
+        probe = linear_probe(train_emb["volume"], train_emb["labels"], emb["volume"], emb["labels"], names,
+                             n_bootstrap=n_boot, seed=cfg.seed)
+        probe = _drop_arrays(probe)
+        probe["n_train"] = len(train_emb["keys"])
+        metrics.update(flatten_metrics(probe, f"{prefix}probe/"))
+
     plots: list[str] = []
     if plots_dir:
         from volvlp_ray.eval.plots import save_all_plots
 
+        classification = {"zeroshot": zs, **({"probe": probe} if probe and probe["n_labels_evaluated"] else {})}
         plots = save_all_plots(
-            plots_dir, retrieval=retrieval, classification={"zeroshot": zs}, text_emb=emb["text"],
-            volume_emb=emb["volume"], labels=emb["labels"], label_names=list(LABELS),
-            color_by=("Cardiomegaly", "Pleural effusion"),
+            plots_dir, retrieval=retrieval, classification=classification, text_emb=emb["text"],
+            volume_emb=emb["volume"], labels=emb["labels"], label_names=names,
+            color_by=_color_labels(emb["labels"], names),
         )
-    metrics["eval/seconds"] = time.time() - t0
-    return {"metrics": metrics, "zeroshot": zs, "retrieval": retrieval, "plots": plots, "embeddings": emb}
+    report = {
+        "n": n,
+        "label_names": names,
+        "ks": list(ks),
+        "ks_capped": [k for k in ks if k >= n],
+        "ks_capped_note": "Recall@K and Jaccard@K with K >= N are computed at K = N (recall and its random "
+                          "baseline are then 1): not informative at this N",
+        "n_bootstrap": n_boot,
+        "logit_scale": logit_scale,
+        "retrieval": retrieval,
+        "v2v": v2v,
+        "zeroshot": zs,
+        "probe": probe if probe is not None else {"skipped": "no training split embeddings given"},
+    }
+    return {"metrics": metrics, "report": report, "zeroshot": zs, "retrieval": retrieval, "probe": probe,
+            "plots": plots}
+
+
+def evaluate_model(model, cfg: Config, split: str = "valid", tokenizer_dir: str | None = None,
+                   plots_dir: str | None = None, n_bootstrap: int | None = None,
+                   train_emb: dict[str, np.ndarray] | None = None, prefix: str = "eval/",
+                   progress: str | None = None) -> dict[str, Any]:
+    """Embed ``split`` and compute every metric (see :func:`evaluate_embeddings`); adds ``embeddings`` and
+    ``{prefix}seconds`` to the result."""
+    t0 = time.time()
+    if tokenizer_dir is None:
+        tokenizer_dir = tempfile.mkdtemp(prefix="volvlp-tok-")
+        model.tokenizer.save_pretrained(tokenizer_dir)
+    emb = embed_split(model, cfg, split, tokenizer_dir, progress=progress)
+    names = label_names_of(cfg, split)
+    if emb["labels"].shape[1] != len(names):
+        raise ValueError(f"samples of {cfg.shards_path}/{split} have {emb['labels'].shape[1]} labels, its manifest "
+                         f"names {len(names)}")
+    pos_emb, neg_emb = prompt_embeddings(model, names, cfg.eval.prompts, cfg.data.max_text_length)
+    scale = float(model.logit_scale.detach().float().exp())
+    res = evaluate_embeddings(emb, pos_emb, neg_emb, scale, names, cfg, n_bootstrap=n_bootstrap,
+                              train_emb=train_emb, plots_dir=plots_dir, prefix=prefix)
+    res["metrics"][f"{prefix}seconds"] = time.time() - t0
+    res["embeddings"] = emb
+    if not math.isfinite(res["metrics"].get(f"{prefix}zeroshot/mean/auroc", math.nan)):
+        log.warning("zero-shot AUROC undefined on %s: no label has both classes among %d volumes", split,
+                    len(emb["keys"]))
+    return res
