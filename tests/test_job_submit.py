@@ -1,79 +1,183 @@
-"""`ray job submit --working-dir . -- python jobs/pretrain.py` against a real local cluster (`ray start --head`)."""
+"""The cluster path end to end, with real parts only: a Ray head (`ray start --head`, token authentication), an
+MLflow tracking server (`jobs/mlflow_server.py`), and `ray job submit --working-dir . --runtime-env ... --
+python jobs/pretrain.py`. One head, one server and one job for the whole module; each test reads a different
+side of it (what MLflow holds, what it must not hold, who the head and the server accept)."""
 
-import os
-import signal
+from __future__ import annotations
+
+import csv
+import json
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
-ROOT = Path(__file__).parents[1]
+from clusterutil import (
+    BIN,
+    ROOT,
+    free_port,
+    http_status,
+    listening_addresses,
+    new_token,
+    non_loopback_ipv4,
+    ray_env,
+    start_mlflow_server,
+    start_ray_head,
+    stop,
+    wait_http_ok,
+    wait_ray_head,
+)
+
+pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def ray_head(tmp_path):
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    port, dash = free_port(), free_port()
-    # every agent port explicit: another Ray instance on this machine (the suite's own, a user's) holds defaults
-    # such as the dashboard agent's 52365, and a head whose agent cannot bind accepts no jobs
-    agent_ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                   f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
-    bin_dir = Path(sys.executable).parent
-    head = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
-         "--dashboard-host=127.0.0.1", "--num-cpus=4", "--include-dashboard=true", *agent_ports],
-        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dash}"
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A token-authenticated Ray head and an MLflow server on loopback, started side by side."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    (tmp / "mlflow").mkdir()
+    token = new_token()
+    env = ray_env(token)
+    head = server = None
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            probe = subprocess.run([str(bin_dir / "ray"), "job", "list", "--address", address], env=env,
-                                   capture_output=True, text=True)
-            if probe.returncode == 0:
-                break
-            assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
-            time.sleep(2)
-        else:
-            pytest.fail("the Ray head's job server did not come up:\n" + (tmp_path / "head.log").read_text()[-3000:])
-        yield address, env
+        head, address = start_ray_head(tmp / "head.log", env)
+        mlflow_port = free_port()
+        server = start_mlflow_server(tmp / "mlflow", mlflow_port)  # no --host: the launcher's default
+        wait_ray_head(head, address, env, tmp / "head.log")
+        tracking_uri = f"http://127.0.0.1:{mlflow_port}"
+        wait_http_ok(f"{tracking_uri}/health", server, tmp / "mlflow" / "mlflow-server.log")
+        yield {"address": address, "env": env, "token": token, "tracking_uri": tracking_uri, "mlflow_port": mlflow_port,
+               "mlflow_pid": server.pid, "mlflow_root": tmp / "mlflow", "tmp": tmp}
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        stop(head)
+        stop(server)
 
 
-def test_ray_job_submit_runs_pretraining(ray_head, tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    address, env = ray_head
-    ws = tmp_path / "ws"
-    bin_dir = Path(sys.executable).parent
-    cmd = [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
+@pytest.fixture(scope="module")
+def submitted(cluster):
+    """`ray job submit` of the tiny pre-training run, tracked by the MLflow server; returns (workspace, output)."""
+    tmp = cluster["tmp"]
+    ws = tmp / "ws"
+    runtime_env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
+    runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] = cluster["tracking_uri"]
+    (tmp / "runtime_env.yaml").write_text(yaml.safe_dump(runtime_env))
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster["address"], "--working-dir", ".",
+           "--runtime-env", str(tmp / "runtime_env.yaml"), "--",
            "python", "jobs/pretrain.py", "--config", "configs/tiny.yaml", f"workspace={ws}", "run_name=submitted",
            "eval.at_end=false"]
+    t0 = time.time()
     for _ in range(30):  # the job server answers before the head's job agent is registered
-        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        p = subprocess.run(cmd, cwd=ROOT, env=cluster["env"], capture_output=True, text=True, timeout=900)
         out = p.stdout + p.stderr
         if "No available agent" not in out:
             break
         time.sleep(3)
+    print(f"ray job submit: {time.time() - t0:.0f}s")
     assert p.returncode == 0, out[-6000:]
-    assert "joined cluster" in out and "succeeded" in out.lower()
-    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    return ws, out
+
+
+def _run(cluster, name="submitted"):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cluster["tracking_uri"])
     exp = client.get_experiment_by_name("volvlp_ray")
-    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`volvlp.run_name` = 'submitted'")
-    assert run.info.status == "FINISHED" and run.data.params["train.steps"] == "6"
-    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 3
+    assert exp is not None, "no volvlp_ray experiment on the tracking server"
+    (run,) = client.search_runs([exp.experiment_id], filter_string=f"tags.`volvlp.run_name` = '{name}'")
+    return client, run
+
+
+def test_ray_job_submit_runs_pretraining(cluster, submitted):
+    _, out = submitted
+    assert "joined cluster" in out and "succeeded" in out.lower()
+    assert f"at {cluster['tracking_uri']}" in out  # the job tracked to the server, not to a workspace file
+
+
+def test_submitted_run_is_on_the_mlflow_server(cluster, submitted, tmp_path):
+    import mlflow.artifacts
+
+    client, run = _run(cluster)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.steps"] == "6" and run.data.params["scaling.num_workers"] == "2"
+    assert run.data.tags["sys.ray"] and run.data.tags["sys.deepspeed"]
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in history] == [2, 4, 6] and all(0 < m.value < 100 for m in history)
+    assert "train/fit_seconds" in run.data.metrics
+    # artifacts went through the server (proxied) into its artifact store, not to a path of the job's machine
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:"), run.info.artifact_uri
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "model"}
+    assert {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "model")} >= {
+        "model.safetensors", "vlp_config.json"}
+    stored = {p.name for p in (cluster["mlflow_root"] / "mlartifacts").rglob("*") if p.is_file()}
+    assert {"config.yaml", "model.safetensors"} <= stored
+    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="config.yaml",
+                                                dst_path=str(tmp_path), tracking_uri=cluster["tracking_uri"])
+    assert yaml.safe_load(Path(local).read_text())["train"]["steps"] == 6
+
+
+def test_no_patient_data_reaches_the_mlflow_server(cluster, submitted, tmp_path):
+    """Report text and voxels stay out of everything the server holds: params, tags, metrics, every artifact,
+    and the server's own database and artifact store on disk (the job ran with the default opt-outs)."""
+    import mlflow.artifacts
+
+    ws, _ = submitted
+    client, run = _run(cluster)
+    assert run.data.params["tracking.log_text"] == "False" and run.data.params["tracking.log_volumes"] == "False"
+    reports = ws / "data" / "synthetic" / "radiology_text_reports"
+    sentences = set()
+    for name in ("train_reports.csv", "validation_reports.csv"):
+        for row in csv.DictReader(open(reports / name)):
+            for field in ("Findings_EN", "Impressions_EN"):
+                sentences |= {s.strip() for s in row[field].split(".") if len(s.strip()) > 25}
+    assert len(sentences) > 20
+
+    texts = [json.dumps(run.data.params), json.dumps(run.data.tags), json.dumps(sorted(run.data.metrics))]
+    everything = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path),
+                                                          tracking_uri=cluster["tracking_uri"]))
+    files = [p for p in everything.rglob("*") if p.is_file()]
+    assert any(p.name == "model.safetensors" for p in files)
+    files += [p for p in cluster["mlflow_root"].rglob("*") if p.is_file() and not p.name.endswith(".log")]
+    texts += [p.read_bytes().decode("utf-8", errors="ignore") for p in files]
+    blob = "\n".join(texts)
+    leaked = [s for s in sentences if s in blob]
+    assert not leaked, leaked[:3]
+    # voxels: no array or image-volume files among the artifacts (the model export is weights + configs + tokenizer)
+    volume_like = [p.name for p in files if p.name.endswith((".npy", ".npz", ".nii", ".nii.gz", ".tar", ".pkl", ".pt"))]
+    assert not volume_like, volume_like
+
+
+def test_ray_head_rejects_requests_without_the_token(cluster, submitted):
+    """Token authentication stays on: the job API answers only requests that carry the cluster's token."""
+    jobs_url = f"{cluster['address']}/api/jobs/"
+    assert http_status(jobs_url) == 401
+    assert http_status(jobs_url, {"Authorization": "Bearer " + "0" * 64}) == 403
+    assert http_status(jobs_url, {"Authorization": f"Bearer {cluster['token']}"}) == 200
+
+    submit = [str(BIN / "ray"), "job", "submit", "--address", cluster["address"], "--no-wait", "--",
+              "python", "-c", "open('/tmp/volvlp-should-not-run', 'w')"]
+    no_token = {k: v for k, v in cluster["env"].items() if k != "RAY_AUTH_TOKEN"}
+    for env in ({**no_token, "RAY_AUTH_MODE": "disabled"}, {**cluster["env"], "RAY_AUTH_TOKEN": "f" * 64}):
+        p = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode != 0, p.stdout + p.stderr
+        assert "authentication" in (p.stdout + p.stderr).lower()
+    listed = subprocess.run([str(BIN / "ray"), "job", "list", "--address", cluster["address"]], env=cluster["env"],
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and "volvlp-should-not-run" not in listed.stdout
+    assert "jobs/pretrain.py" in listed.stdout  # the authenticated submission is there
+
+
+def test_mlflow_server_binds_loopback_by_default(cluster):
+    """`jobs/mlflow_server.py` without --host listens on 127.0.0.1 only, and refuses foreign Host headers."""
+    port = cluster["mlflow_port"]
+    assert listening_addresses(cluster["mlflow_pid"], port) == {"127.0.0.1"}
+    other = non_loopback_ipv4()
+    if other is not None:  # this machine's other interfaces get no answer
+        with socket.socket() as s:
+            s.settimeout(5)
+            assert s.connect_ex((other, port)) != 0
+    search = f"{cluster['tracking_uri']}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert http_status(search) == 200
+    assert http_status(search, {"Host": "attacker.example.com"}) in (400, 403)  # DNS-rebinding protection
