@@ -108,11 +108,10 @@ def test_submitted_run_is_on_the_mlflow_server(cluster, submitted, tmp_path):
     assert "train/fit_seconds" in run.data.metrics
     # artifacts went through the server (proxied) into its artifact store, not to a path of the job's machine
     assert run.info.artifact_uri.startswith("mlflow-artifacts:"), run.info.artifact_uri
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "model"}
-    assert {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "model")} >= {
-        "model.safetensors", "vlp_config.json"}
+    assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    # the run's files and its model (run artifact or MLflow 3 logged model) are in the server's store
     stored = {p.name for p in (cluster["mlflow_root"] / "mlartifacts").rglob("*") if p.is_file()}
-    assert {"config.yaml", "model.safetensors"} <= stored
+    assert {"config.yaml", "model.safetensors", "vlp_config.json"} <= stored, stored
     local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="config.yaml",
                                                 dst_path=str(tmp_path), tracking_uri=cluster["tracking_uri"])
     assert yaml.safe_load(Path(local).read_text())["train"]["steps"] == 6
@@ -138,8 +137,8 @@ def test_no_patient_data_reaches_the_mlflow_server(cluster, submitted, tmp_path)
     everything = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path),
                                                           tracking_uri=cluster["tracking_uri"]))
     files = [p for p in everything.rglob("*") if p.is_file()]
-    assert any(p.name == "model.safetensors" for p in files)
     files += [p for p in cluster["mlflow_root"].rglob("*") if p.is_file() and not p.name.endswith(".log")]
+    assert any(p.name == "model.safetensors" for p in files) and any(p.suffix == ".db" for p in files)
     texts += [p.read_bytes().decode("utf-8", errors="ignore") for p in files]
     blob = "\n".join(texts)
     leaked = [s for s in sentences if s in blob]
