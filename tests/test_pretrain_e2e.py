@@ -50,9 +50,8 @@ def test_job_logs_to_mlflow(tiny_run):
                 "eval/zeroshot/per_label/Cardiomegaly/auroc", "train/samples_per_s"):
         assert key in run.data.metrics, key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "model", "plots"} <= artifacts
-    model_files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "model")}
-    assert {"model.safetensors", "vlp_config.json"} <= model_files
+    assert {"config.yaml", "plots"} <= artifacts
+    assert run.data.tags["volvlp.model_uri"].startswith("models:/")
     assert "[eval] zero-shot mean AUROC" in out and "[train] step 6/6" in out
 
 
@@ -119,3 +118,57 @@ def test_swca_with_grad_cache_through_the_job(tmp_path):
     lrs = [m.value for m in client.get_metric_history(run.info.run_id, "train/lr")]
     assert len(losses) == 2 and all(0 < v < 100 for v in losses)
     assert lrs[0] != lrs[1]  # one optimizer/scheduler step per global step, not per micro-batch
+
+
+def test_run_model_and_one_call_embeddings(tiny_run):
+    """The export is the run's MLflow model; the model embeds a report and a NIfTI file in one call each,
+    and the NIfTI path gives the embedding of the training pipeline's own sample of that volume."""
+    import tarfile
+
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    import volvlp_ray
+    from volvlp_ray.data.ctrate import read_split
+    from volvlp_ray.data.shards import decode_sample
+    from volvlp_ray.data.transforms import normalise
+
+    ws, _ = tiny_run
+    uri = f"sqlite:///{ws / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("volvlp_ray")
+    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`volvlp.run_name` = 'e2e'")
+    logged = client.search_logged_models([exp.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert len(logged) == 1 and logged[0].name == "model"
+    export = sorted(p for p in (ws / "ray_results" / "e2e").glob("checkpoint_*") if p.is_dir())[-1] / "export"
+    model = volvlp_ray.VLP.from_pretrained(export)
+
+    report = "The heart is enlarged. No pleural effusion."
+    e_report = model.embed_report(report)
+    assert e_report.shape == (128,)
+    mlflow.set_tracking_uri(uri)
+    pyfunc = mlflow.pyfunc.load_model(run.data.tags["volvlp.model_uri"])
+    out = pyfunc.predict(pd.DataFrame({"text": [report]}))
+    np.testing.assert_allclose(np.asarray(out["text_embedding"][0]), e_report.numpy(), rtol=1e-5, atol=1e-6)
+
+    records, _ = read_split(ws / "data" / "synthetic", "valid")
+    rec = records[0]
+    e_nifti = model.embed_nifti(rec.path, slope=rec.slope, intercept=rec.intercept)
+    sample = None
+    for tar in sorted((ws / "shards" / "valid").glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            members = {m.name: tf.extractfile(m).read() for m in tf.getmembers() if m.isfile()}
+        keys = {n.split(".", 1)[0] for n in members}
+        for key in keys:
+            row = {"__key__": key, **{n.split(".", 1)[1]: b for n, b in members.items() if n.split(".", 1)[0] == key}}
+            if decode_sample(row)["meta"].get("source", "").endswith(rec.volume_name):
+                sample = decode_sample(row)
+    assert sample is not None, f"{rec.volume_name} not found in the valid shards"
+    window = tuple(model.run_config["data"]["hu_window"])
+    e_shard = model.embed_volume(normalise(sample["volume"], window))
+    torch.testing.assert_close(e_nifti, e_shard, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError):
+        model.embed_report("  ")

@@ -69,6 +69,9 @@ class DataConfig:
     """Tokens per text (longer texts are truncated; the loop logs the truncated fraction)."""
     shuffle_buffer: int = 64
     """Local shuffle buffer (rows) of the training stream."""
+    deterministic: bool = True
+    """Reproducible training stream (Ray Data ``preserve_order``): two runs with one seed see the same batches,
+    and a resumed run replays the interrupted epoch in its original order. False: order follows scheduling."""
     prepare_parallelism: int = 0
     """Ray Data tasks for conversion; 0 = one per CPU."""
 

@@ -17,7 +17,10 @@ from typing import Any
 
 from volvlp_ray.config import Config, config_to_dict, dump_yaml, flatten
 
-__all__ = ["MetricLogger", "PrivacyError", "log_text_artifact", "resolve_tracking_uri", "start_run", "system_info"]
+__all__ = [
+    "MetricLogger", "PrivacyError", "last_logged_step", "log_text_artifact", "resolve_tracking_uri", "start_run",
+    "system_info",
+]
 
 _MAX_PARAM = 6000
 
@@ -84,6 +87,12 @@ def start_run(cfg: Config, run_name: str) -> str:
     return run_id
 
 
+def last_logged_step(client, run_id: str, key: str) -> int:
+    """The largest step logged for ``key`` in run ``run_id`` (-1 when the key has no values)."""
+    history = client.get_metric_history(run_id, key)
+    return max((m.step for m in history), default=-1)
+
+
 class MetricLogger:
     """Step metrics to one MLflow run (used by rank 0 inside the training loop)."""
 
@@ -92,12 +101,22 @@ class MetricLogger:
 
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
+        self.skip_through = -1
+
+    def skip_logged_steps(self, key: str) -> int:
+        """After a resume the steps between the checkpoint and the failure run again: do not log a step that
+        ``key`` already has in this run (the recomputed values equal the logged ones on a deterministic run).
+        Returns the last step already logged (-1: none)."""
+        self.skip_through = last_logged_step(self.client, self.run_id, key)
+        return self.skip_through
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         import time
 
         from mlflow.entities import Metric
 
+        if step <= self.skip_through:
+            return
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v == v]  # drop NaN
         for i in range(0, len(batch), 500):

@@ -25,7 +25,9 @@ from volvlp_ray.data.organs import chunk_text
 from volvlp_ray.data.shards import DecodeError, decode_sample, read_manifest
 from volvlp_ray.data.transforms import normalise
 
-__all__ = ["build_dataset", "collate", "read_corpus", "shard_files", "study_id"]
+__all__ = [
+    "TrainDatasetFactory", "build_dataset", "collate", "latest_progress", "read_corpus", "shard_files", "study_id",
+]
 
 log = logging.getLogger(__name__)
 _counter = itertools.count()
@@ -106,8 +108,13 @@ class _ToRow:
         }]
 
 
-def build_dataset(cfg: Config, split: str, tokenizer_dir: str, training: bool | None = None):
-    """A Ray Dataset of rows for ``split`` ("train" or "valid")."""
+def build_dataset(cfg: Config, split: str, tokenizer_dir: str, training: bool | None = None, first_epoch: int = 0):
+    """A Ray Dataset of rows for ``split`` ("train" or "valid").
+
+    Training: shard files are shuffled per pass (epoch) from ``cfg.seed``; ``first_epoch`` makes the first
+    pass use the file order of that epoch, so a resumed run replays the interrupted epoch in its original
+    order. With ``data.deterministic`` the row order is reproducible (``preserve_order``).
+    """
     import ray.data
 
     training = split == "train" if training is None else training
@@ -116,9 +123,61 @@ def build_dataset(cfg: Config, split: str, tokenizer_dir: str, training: bool | 
     if training:
         from ray.data import FileShuffleConfig
 
-        kwargs["shuffle"] = FileShuffleConfig(seed=cfg.seed)
+        kwargs["shuffle"] = FileShuffleConfig(seed=cfg.seed, reseed_after_execution=True)
     ds = ray.data.read_webdataset(files, decoder=None, override_num_blocks=len(files), **kwargs)
+    if training and first_epoch:
+        # The per-pass file order is seeded with (seed, execution index) and the index counts passes over
+        # this Dataset object; a Dataset built for a resumed run starts counting at the resumed epoch.
+        if not hasattr(ds.context, "_execution_idx"):
+            raise RuntimeError("this Ray Data version has no DataContext._execution_idx: cannot replay epoch "
+                               f"{first_epoch}'s file order on resume (set data.deterministic=false to accept "
+                               "a fresh order after a resume)")
+        ds.context._execution_idx = first_epoch
     return ds.flat_map(_ToRow(cfg, tokenizer_dir, training))
+
+
+class TrainDatasetFactory:
+    """What ``TorchTrainer(datasets={"train": ...})`` gets: Ray Train calls it each time it starts the worker
+    group (first start, after a worker failure, and when a driver resumes a run), and it builds the training
+    Dataset positioned at the epoch of the run's latest checkpoint (``progress.json`` in it)."""
+
+    def __init__(self, cfg: Config, tokenizer_dir: str, run_dir: str):
+        self.cfg, self.tokenizer_dir, self.run_dir = cfg, tokenizer_dir, run_dir
+
+    def resume_epoch(self) -> int:
+        epoch = 0
+        if self.cfg.data.deterministic:
+            progress = latest_progress(self.run_dir)
+            epoch = int(progress["epoch"]) if progress else 0
+        return epoch
+
+    def __call__(self):
+        epoch = self.resume_epoch()
+        if epoch:
+            log.info("training data starts at epoch %d (resumed run %s)", epoch, self.run_dir)
+        return build_dataset(self.cfg, "train", self.tokenizer_dir, training=True, first_epoch=epoch)
+
+
+def latest_progress(run_dir: str) -> dict[str, Any] | None:
+    """``progress.json`` of the latest checkpoint Ray Train registered for the run at ``run_dir`` (a local
+    path or URI), or ``None`` when the run has no checkpoint yet."""
+    import json
+
+    import pyarrow.fs
+    from ray.train import Result
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(run_dir) if "://" in run_dir else (pyarrow.fs.LocalFileSystem(), run_dir)
+    snapshot = f"{path.rstrip('/')}/checkpoint_manager_snapshot.json"
+    if fs.get_file_info(snapshot).type == pyarrow.fs.FileType.NotFound:
+        return None
+    checkpoint = Result.from_path(run_dir).checkpoint
+    if checkpoint is None:
+        return None
+    info = checkpoint.filesystem.get_file_info(f"{checkpoint.path}/progress.json")
+    if info.type == pyarrow.fs.FileType.NotFound:
+        return None
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/progress.json") as f:
+        return json.loads(f.read().decode())
 
 
 def read_corpus(cfg: Config, split: str = "train") -> list[str]:

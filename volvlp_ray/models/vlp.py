@@ -86,6 +86,7 @@ class VLP(nn.Module):
         self.logit_bias = nn.Parameter(torch.tensor([float(init_logit_bias)]))
         self.model_config: ModelConfig | None = None
         self.tokenizer: Any = None
+        self.run_config: dict | None = None  # the training run's resolved config (set by from_pretrained)
 
     # ----------------------------------------------------------------------------------------------------
     # encoders
@@ -169,6 +170,42 @@ class VLP(nn.Module):
         finally:
             self.train(was_training)
 
+    def _data_setting(self, key: str) -> Any:
+        from volvlp_ray.config import DataConfig
+
+        data = (getattr(self, "run_config", None) or {}).get("data") or {}
+        return data.get(key, getattr(DataConfig(), key))
+
+    def embed_reports(self, reports: Sequence[str]) -> Tensor:
+        """Embed radiology reports -> (N, E), truncated to the training run's ``data.max_text_length``."""
+        return self.embed_text(reports, max_length=int(self._data_setting("max_text_length")))
+
+    def embed_report(self, report: str) -> Tensor:
+        """Embed one radiology report -> (E,)::
+
+            model = VLP.from_pretrained("path/to/export")
+            e = model.embed_report("Findings: ... No pleural effusion.")
+        """
+        if not isinstance(report, str) or not report.strip():
+            raise ValueError("embed_report takes one non-empty report string")
+        return self.embed_reports([report])[0]
+
+    def embed_nifti(self, path: str | os.PathLike, slope: float = 1.0, intercept: float = 0.0) -> Tensor:
+        """Embed one CT NIfTI file -> (E,), preprocessed exactly as the training data was: HU = slope * stored +
+        intercept (CT-RATE keeps these in its metadata CSV; files already in HU use the defaults), RAS
+        orientation, resampling to the run's ``data.spacing``, HU window, in-plane crop/pad, any depth::
+
+            e = model.embed_nifti("valid_1_a_1.nii.gz", slope=1.0, intercept=-1024.0)
+        """
+        from volvlp_ray.data.transforms import normalise, preprocess_volume
+
+        window = tuple(float(x) for x in self._data_setting("hu_window"))
+        res = preprocess_volume(
+            os.fspath(path), slope, intercept, tuple(float(x) for x in self._data_setting("spacing")),
+            int(self._data_setting("in_plane_size")), window,
+        )
+        return self.embed_volume(normalise(res.volume, window))
+
     # ----------------------------------------------------------------------------------------------------
     # export
 
@@ -232,6 +269,7 @@ class VLP(nn.Module):
         load_model(model, str(src / WEIGHTS_NAME), strict=True, device=str(map_location))
         if spec.get("model_config") is not None:
             model.model_config = ModelConfig(**spec["model_config"])
+        model.run_config = spec.get("run_config")
         model.tokenizer = AutoTokenizer.from_pretrained(str(src / TOKENIZER_DIR))
         return model.to(map_location).eval()
 

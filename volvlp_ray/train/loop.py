@@ -2,14 +2,21 @@
 
 Per step: a padded batch from this worker's streaming split -> dual encoder (DeepSpeed engine) -> global
 loss (the loss gathers features from all workers) -> backward/step. Rank 0 logs step metrics to MLflow.
-Every ``train.checkpoint_every`` steps and at the end, every rank saves its DeepSpeed shard and all report
-the checkpoint through ``ray.train.report``; the final checkpoint also holds the consolidated export
-(``export/``, loadable with ``VLP.from_pretrained``).
+Every ``train.checkpoint_every`` steps and at the end, every rank saves its DeepSpeed shard, RNG states and
+data position, and all report the checkpoint through ``ray.train.report``; the final checkpoint also holds
+the consolidated export (``export/``, loadable with ``VLP.from_pretrained``).
+
+Resuming (after a worker failure, or when the driver is started again with the same run name): model,
+optimizer, LR schedule and step come from DeepSpeed's state (loaded with ``weights_only=True``), each rank's
+RNG from ``worker_state/``, and the data position from ``progress.json``: the epoch's stream is replayed in
+the same order (see ``volvlp_ray.data.pipeline.TrainDatasetFactory``) and the batches already trained on are
+skipped. Step metrics already in MLflow are not logged again.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import random
@@ -27,6 +34,7 @@ __all__ = ["build_loss_from_config", "train_loop_per_worker"]
 
 log = logging.getLogger(__name__)
 CKPT_TAG = "ckpt"
+PROGRESS_FILE = "progress.json"
 
 
 def build_loss_from_config(cfg: Config):
@@ -58,6 +66,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from volvlp_ray.data.pipeline import collate
     from volvlp_ray.models import build_model
     from volvlp_ray.tracking import MetricLogger
+    from volvlp_ray.train.checkpoint import load_worker_state, use_safe_loading
     from volvlp_ray.train.deepspeed import deepspeed_config, param_groups
 
     cfg: Config = config_from_dict(loop_config["config"])
@@ -83,18 +92,30 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=ds_cfg,
         dist_init_required=False,
     )
+    use_safe_loading(engine)
     dtype = torch.bfloat16 if ds_cfg["bf16"]["enabled"] else torch.float32
 
-    step = 0
+    step, start_epoch, skip_batches = 0, 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            _, client_state = engine.load_checkpoint(d, tag=CKPT_TAG)
+            load_path, client_state = engine.load_checkpoint(d, tag=CKPT_TAG)
+            if load_path is None:
+                raise RuntimeError(f"checkpoint {checkpoint.path} has no DeepSpeed state under tag {CKPT_TAG!r}")
+            worker_state = load_worker_state(d, rank)  # restores this rank's RNG streams
         step = int(client_state["step"])
+        start_epoch, skip_batches = int(client_state.get("epoch", 0)), int(client_state.get("batch_in_epoch", 0))
+        if worker_state is None and rank == 0:
+            print("[train] warning: the checkpoint has no RNG state for this rank (different world size?); "
+                  "RNG streams start fresh", flush=True)
         if rank == 0:
-            print(f"[train] resumed from step {step}", flush=True)
+            print(f"[train] resumed from step {step} (epoch {start_epoch}, {skip_batches} batches into it) "
+                  f"from {checkpoint.path}", flush=True)
 
-    logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+    logger = None
+    if rank == 0:
+        logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"])
+        logger.skip_logged_steps("train/loss")  # after a resume: steps already in MLflow are not logged twice
     shard = ray.train.get_dataset_shard("train")
     hu_window = tuple(cfg.data.hu_window)
     patch_z = cfg.model.patch[0]
@@ -114,7 +135,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     t_last, samples_since, wait_time, truncated = time.perf_counter(), 0, 0.0, 0
     done = step >= cfg.train.steps
-    for epoch in itertools.count():
+    for epoch in itertools.count(start_epoch):
         if done:
             break
         t_wait = time.perf_counter()
@@ -123,7 +144,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
             local_shuffle_seed=cfg.seed + epoch + 1000 * rank, prefetch_batches=2,
         )
+        batch_in_epoch = 0
         for np_batch in batches:
+            batch_in_epoch += 1
+            if epoch == start_epoch and batch_in_epoch <= skip_batches:
+                if batch_in_epoch == 1 and rank == 0:
+                    print(f"[train] skipping the {skip_batches} batches of epoch {epoch} trained on before the "
+                          "checkpoint", flush=True)
+                t_wait = time.perf_counter()
+                continue
             wait_time += time.perf_counter() - t_wait
             b = {k: v.to(device, non_blocking=True) for k, v in collate(np_batch, patch_z, hu_window).items()}
             b["volume"] = b["volume"].to(dtype)
@@ -172,26 +201,35 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
             final = step >= cfg.train.steps
             if step % cfg.train.checkpoint_every == 0 or final:
-                _save_and_report(engine, cfg, step, float(loss), rank, final, tokenizer)
+                _save_and_report(engine, cfg, step, float(loss), rank, final, tokenizer,
+                                 epoch=epoch, batch_in_epoch=batch_in_epoch)
             if final:
                 done = True
                 break
             t_wait = time.perf_counter()
 
 
-def _save_and_report(engine, cfg: Config, step: int, loss: float, rank: int, final: bool, tokenizer) -> None:
-    """Every rank writes its DeepSpeed shard to a local folder; ``ray.train.report`` merges them in storage."""
+def _save_and_report(engine, cfg: Config, step: int, loss: float, rank: int, final: bool, tokenizer, *,
+                     epoch: int, batch_in_epoch: int) -> None:
+    """Every rank writes its DeepSpeed shard and its RNG/data state to a local folder; ``ray.train.report``
+    uploads them into one checkpoint directory in storage, registered once every rank's upload is done."""
     import ray.train
     from ray.train import Checkpoint
 
+    from volvlp_ray.train.checkpoint import save_worker_state
+
+    progress = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
     with tempfile.TemporaryDirectory(prefix="volvlp-ckpt-") as tmp:
-        engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={"step": step})
+        engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state=progress)
+        save_worker_state(tmp, rank, **progress)
         if final:
             _export(engine, cfg, rank, tokenizer, os.path.join(tmp, "export"))
         if rank == 0:
             with open(os.path.join(tmp, "config.yaml"), "w") as f:
                 f.write(dump_yaml(cfg))
-        ray.train.report({"step": step, "loss": loss}, checkpoint=Checkpoint.from_directory(tmp))
+            with open(os.path.join(tmp, PROGRESS_FILE), "w") as f:
+                json.dump(progress, f)
+        ray.train.report({"step": step, "loss": loss, "epoch": epoch}, checkpoint=Checkpoint.from_directory(tmp))
 
 
 def _export(engine, cfg: Config, rank: int, tokenizer, path: str) -> None:

@@ -89,12 +89,13 @@ def default_run_name(cfg: Config) -> str:
 
 
 def build_trainer(cfg: Config, run_name: str, tokenizer_dir: str, tracking_uri: str, run_id: str):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     import ray.data
+    from ray.data import ExecutionOptions
 
-    from volvlp_ray.data.pipeline import build_dataset
+    from volvlp_ray.data.pipeline import TrainDatasetFactory
     from volvlp_ray.train.loop import train_loop_per_worker
 
     # the loop prints its own progress; per-operator bars from the streaming split would flood the log
@@ -109,6 +110,7 @@ def build_trainer(cfg: Config, run_name: str, tokenizer_dir: str, tracking_uri: 
     }}
     if not cfg.scaling.use_gpu:
         env["env_vars"]["DS_ACCELERATOR"] = "cpu"
+    storage = str(cfg.workspace_path / "ray_results")
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config_to_dict(cfg), "tokenizer_dir": tokenizer_dir,
@@ -118,12 +120,16 @@ def build_trainer(cfg: Config, run_name: str, tokenizer_dir: str, tracking_uri: 
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=RunConfig(
             name=run_name,
-            storage_path=str(cfg.workspace_path / "ray_results"),
+            storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             worker_runtime_env=env,
         ),
-        datasets={"train": build_dataset(cfg, "train", tokenizer_dir)},
+        # a factory: Ray Train calls it at every (re)start of the worker group, so a resumed run's stream
+        # starts at the epoch of its latest checkpoint
+        datasets={"train": TrainDatasetFactory(cfg, tokenizer_dir, os.path.join(storage, run_name))},
+        dataset_config=DataConfig(execution_options={"train": ExecutionOptions(
+            preserve_order=cfg.data.deterministic)}),
     )
 
 
@@ -155,12 +161,24 @@ def run_pretraining(cfg: Config) -> dict[str, Any]:
         ckpt_dir = result.checkpoint.path
         export_dir = os.path.join(ckpt_dir, "export")
         print(f"[train] done in {fit_s:.0f}s; checkpoint {ckpt_dir}", flush=True)
-        client.log_metric(run_id, "train/fit_seconds", fit_s)
-        client.log_artifacts(run_id, export_dir, "model")
+        if not os.path.isfile(os.path.join(export_dir, "vlp_config.json")):
+            raise RuntimeError(f"the final checkpoint {ckpt_dir} has no export/ (was the run stopped before its "
+                               "last step?)")
+        log_once(client, run_id, {"train/fit_seconds": fit_s}, cfg.train.steps)
         metrics: dict[str, float] = {}
         if cfg.eval.at_end:
             metrics = evaluate_export(cfg, export_dir, tokenizer_dir, client, run_id)
-        client.log_metric(run_id, "job/seconds", time.time() - t0)
+        tags = client.get_run(run_id).data.tags
+        if tags.get("volvlp.model_export") == export_dir and tags.get("volvlp.model_uri"):
+            model_uri = tags["volvlp.model_uri"]  # a finished run started again: its model is logged already
+        else:
+            from volvlp_ray.serving import log_vlp_model
+
+            model_uri = log_vlp_model(run_id, export_dir, tracking_uri)
+            client.set_tag(run_id, "volvlp.model_export", export_dir)
+        print(f"[mlflow] model {model_uri} (mlflow.pyfunc.load_model); export folder {export_dir} "
+              "(volvlp_ray.VLP.from_pretrained)", flush=True)
+        log_once(client, run_id, {"job/seconds": time.time() - t0}, cfg.train.steps)
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
         client.set_terminated(run_id, "FAILED")
@@ -183,14 +201,29 @@ def evaluate_export(cfg: Config, export_dir: str, tokenizer_dir: str, client, ru
         for p in res["plots"]:
             client.log_artifact(run_id, p, "plots")
     m = res["metrics"]
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, cfg.train.steps) for k, v in m.items()]
-    for i in range(0, len(batch), 500):
-        client.log_batch(run_id, metrics=batch[i : i + 500])
+    if not log_once(client, run_id, m, cfg.train.steps, sentinel="eval/n"):
+        print(f"[eval] run {run_id} already has held-out metrics at step {cfg.train.steps}: not logged again",
+              flush=True)
     print(_summary(m), flush=True)
     return m
+
+
+def log_once(client, run_id: str, metrics: dict[str, float], step: int, sentinel: str | None = None) -> bool:
+    """Log ``metrics`` at ``step`` unless the run already has them there (``sentinel``, default: each key is
+    checked) -- a resumed or repeated job does not duplicate points. Returns whether anything was logged."""
+    from mlflow.entities import Metric
+
+    from volvlp_ray.tracking import last_logged_step
+
+    if sentinel is not None:
+        todo = metrics if last_logged_step(client, run_id, sentinel) < step else {}
+    else:
+        todo = {k: v for k, v in metrics.items() if last_logged_step(client, run_id, k) < step}
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in todo.items()]
+    for i in range(0, len(batch), 500):
+        client.log_batch(run_id, metrics=batch[i : i + 500])
+    return bool(batch)
 
 
 def _summary(m: dict[str, float]) -> str:
