@@ -336,3 +336,193 @@ def test_plots_write_non_empty_pngs(tmp_path) -> None:
         out = tmp_path / f"fig{i}.png"
         fig.savefig(out)
         assert _is_png(str(out)) and out.stat().st_size > 1000
+
+
+# ---------------------------------------------------------------- whole-volume embeddings (sliding chunks)
+
+
+@pytest.fixture(scope="module")
+def tiny_vlp():
+    from volvlp_ray.config import ModelConfig
+    from volvlp_ray.models import build_model, build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer(["Cardiomegaly is present.", "No pleural effusion.", "A lung nodule."] * 4, vocab_size=120)
+    return build_model(ModelConfig(), tok).eval()
+
+
+def test_chunk_starts_cover_every_slice() -> None:
+    from volvlp_ray.eval.embed import chunk_starts
+
+    assert chunk_starts(10, 16, 8) == [0]  # shallower than a chunk: one chunk, the whole volume
+    assert chunk_starts(16, 16, 8) == [0]
+    assert chunk_starts(40, 16, 8) == [0, 8, 16, 24]  # 24 + 16 = 40: ends exactly at the last slice
+    assert chunk_starts(42, 16, 8) == [0, 8, 16, 24, 26]  # the last chunk ends at slice 42
+    assert chunk_starts(48, 16, 16) == [0, 16, 32]
+    for depth in range(1, 60):
+        starts = chunk_starts(depth, 12, 5)
+        covered = set().union(*(range(s, min(s + 12, depth)) for s in starts))
+        assert covered == set(range(depth)) and starts == sorted(set(starts))
+    with pytest.raises(ValueError):
+        chunk_starts(10, 0, 4)
+
+
+def test_sliding_embedding_pools_chunk_embeddings(tiny_vlp) -> None:
+    from volvlp_ray.eval.embed import encode_volumes
+
+    model = tiny_vlp
+    g = torch.Generator().manual_seed(0)
+    deep, shallow = torch.rand(40, 64, 64, generator=g) * 2 - 1, torch.rand(12, 64, 64, generator=g) * 2 - 1
+    batch = torch.full((2, 1, 40, 64, 64), -1.0)
+    batch[0, 0], batch[1, 0, :12] = deep, shallow
+    depths = torch.tensor([40, 12])
+    with torch.no_grad():
+        whole = encode_volumes(model, batch, depths, "whole")
+        mean = encode_volumes(model, batch, depths, "sliding", chunk_depth=16, chunk_stride=8, pool="mean")
+        mx = encode_volumes(model, batch, depths, "sliding", chunk_depth=16, chunk_stride=8, pool="max")
+        # reference: each chunk of the deep volume on its own
+        chunks = torch.stack([deep[s : s + 16][None] for s in (0, 8, 16, 24)])
+        f = model.encode_image(chunks, torch.full((4,), 16))
+    assert mean.shape == (2, 128) and torch.allclose(mean.norm(dim=1), torch.ones(2), atol=1e-5)
+    torch.testing.assert_close(mean[0], torch.nn.functional.normalize(f.mean(0), dim=0), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(mx[0], torch.nn.functional.normalize(f.max(0).values, dim=0), atol=1e-5, rtol=1e-4)
+    # a volume no deeper than a chunk is one chunk: sliding == whole, whatever the pooling
+    torch.testing.assert_close(mean[1], whole[1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(mx[1], whole[1], atol=1e-5, rtol=1e-4)
+    # chunk depth is rounded down to the z patch (4): 18 -> 16 gives the same result
+    with torch.no_grad():
+        again = encode_volumes(model, batch, depths, "sliding", chunk_depth=18, chunk_stride=8, pool="mean")
+    torch.testing.assert_close(again, mean)
+    with pytest.raises(ValueError, match="mode"):
+        encode_volumes(model, batch, depths, "chunks")
+    with pytest.raises(ValueError, match="pool"):
+        encode_volumes(model, batch, depths, "sliding", pool="median")
+
+
+# ---------------------------------------------------------------- evaluate-job pieces
+
+
+def test_eval_config_keys_are_validated() -> None:
+    from volvlp_ray.config import ConfigError, load_config
+
+    cfg = load_config(None, ["eval.volume_mode=sliding", "eval.chunk_pool=max", "eval.every=50"])
+    assert (cfg.eval.volume_mode, cfg.eval.chunk_pool, cfg.eval.every) == ("sliding", "max", 50)
+    for bad, match in [("eval.volume_mode=chunks", "volume_mode"), ("eval.chunk_pool=median", "chunk_pool"),
+                       ("eval.ks=[0,5]", "ks"), ("eval.prompts=['{label} yes']", "prompts"),
+                       ("eval.prompts=['yes','no']", "prompts"), ("eval.chunk_stride=0", "chunk_stride"),
+                       ("eval.every=-1", "every"), ("eval.n_bootstrap=-5", "n_bootstrap")]:
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, [bad])
+
+
+def _fake_ray_run(root, run: str, stamps: list[str], export_last: bool = True, run_name_in_config=None):
+    import json
+
+    run_dir = root / "ray_results" / run
+    ckpts = []
+    for i, stamp in enumerate(stamps):
+        c = run_dir / f"checkpoint_{stamp}"
+        (c / "ckpt").mkdir(parents=True)
+        (c / "ckpt" / "mp_rank_00_model_states.pt").write_bytes(b"")
+        if export_last and i == len(stamps) - 1:
+            (c / "export").mkdir()
+            (c / "export" / "vlp_config.json").write_text(json.dumps({"run_config": {"run_name": run_name_in_config}}))
+        ckpts.append(c)
+    snapshot = {"checkpoint_results": [{"checkpoint_dir_name": c.name, "metrics": {"step": 10 * (i + 1)}}
+                                       for i, c in enumerate(ckpts)]}
+    (run_dir / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    return ckpts
+
+
+def test_resolve_checkpoint_forms_and_errors(tmp_path) -> None:
+    from volvlp_ray.eval.checkpoint import CheckpointError, resolve_checkpoint
+
+    old = _fake_ray_run(tmp_path, "old", ["2026-01-01_10-00-00.000001", "2026-01-01_11-00-00.000001"])
+    new = _fake_ray_run(tmp_path, "new", ["2026-01-02_09-00-00.000001", "2026-01-02_10-00-00.500000"])
+    _fake_ray_run(tmp_path, "crashed", ["2026-01-03_09-00-00.000001"], export_last=False)  # newest, no export
+
+    ref = resolve_checkpoint("latest", tmp_path)
+    assert ref.checkpoint_dir == new[-1] and ref.export_dir == new[-1] / "export"
+    assert (ref.run_name, ref.step, ref.kind) == ("new", 20, "latest")
+    ref = resolve_checkpoint(str(old[-1]), tmp_path)  # a Ray Train checkpoint folder
+    assert (ref.export_dir, ref.run_name, ref.step, ref.kind) == (old[-1] / "export", "old", 20, "ray_checkpoint")
+    ref = resolve_checkpoint(str(old[-1] / "export"), tmp_path)  # an export folder
+    assert (ref.export_dir, ref.run_name, ref.step, ref.kind) == (old[-1] / "export", "old", 20, "export")
+
+    with pytest.raises(CheckpointError, match="DeepSpeed shards only") as err:
+        resolve_checkpoint(str(old[0]), tmp_path)
+    assert str(old[-1]) in str(err.value)  # names the run's checkpoint that has an export
+    with pytest.raises(CheckpointError, match="Ray Train run folder"):
+        resolve_checkpoint(str(tmp_path / "ray_results" / "old"), tmp_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_checkpoint(str(tmp_path / "nope"), tmp_path)
+    with pytest.raises(CheckpointError, match="neither a VLP export"):
+        resolve_checkpoint(str(tmp_path), tmp_path)
+    with pytest.raises(CheckpointError, match="no training runs"):
+        resolve_checkpoint("latest", tmp_path / "empty")
+
+    # an export elsewhere (e.g. an MLflow model artifact) takes its run name from its config
+    moved = _fake_ray_run(tmp_path / "other", "x", ["2026-01-01_10-00-00.000001"], run_name_in_config="named")
+    ref = resolve_checkpoint(str(moved[0] / "export"), tmp_path)
+    assert ref.run_name == "named"
+
+
+def test_eval_config_layers_and_data_resolution(tmp_path) -> None:
+    from volvlp_ray.config import Config, ConfigError, config_to_dict
+    from volvlp_ray.eval.job import build_eval_config, resolve_data
+
+    run = config_to_dict(Config(workspace=str(tmp_path / "ws")))
+    run["data"]["hu_window"] = [-500.0, 500.0]
+    run["eval"]["ks"] = [1, 2]  # the run's training-end eval settings are not the evaluate job's
+    run["train"]["no_longer_a_key"] = 1  # a key from another version is dropped, not fatal
+    cfg, user = build_eval_config(run, None, ["eval.batch_size=3"])
+    assert cfg.data.hu_window == [-500.0, 500.0] and cfg.workspace == str(tmp_path / "ws")
+    assert cfg.eval.ks == [1, 5, 10, 50, 100] and cfg.eval.batch_size == 3
+    assert user == {"eval": {"batch_size": 3}}
+    with pytest.raises(ConfigError, match="unknown config key"):
+        build_eval_config(run, None, ["eval.nope=1"])
+
+    for split in ("train", "valid"):
+        (tmp_path / "ws" / "shards" / split).mkdir(parents=True)
+        (tmp_path / "ws" / "shards" / split / "manifest.json").write_text("{}")
+    (tmp_path / "ext" / "test").mkdir(parents=True)
+    (tmp_path / "ext" / "test" / "manifest.json").write_text("{}")
+    c, split, name = resolve_data(cfg, None, "valid")
+    assert (c.shards_path, split, name) == (str(tmp_path / "ws" / "shards"), "valid", "valid")
+    c, split, name = resolve_data(cfg, str(tmp_path / "ext" / "test"), "valid")  # a split folder
+    assert (c.shards_path, split, name) == (str(tmp_path / "ext"), "test", "ext_test")
+    c, split, name = resolve_data(cfg, str(tmp_path / "ext"), "test")  # a shards root + --split
+    assert (c.shards_path, split, name) == (str(tmp_path / "ext"), "test", "ext_test")
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        resolve_data(cfg, str(tmp_path / "ext"), "valid")
+    with pytest.raises(FileNotFoundError, match="no shards to evaluate"):
+        resolve_data(cfg, None, "test")
+
+
+def test_evaluate_embeddings_known_answers(tmp_path) -> None:
+    from volvlp_ray.config import Config
+    from volvlp_ray.eval.run import evaluate_embeddings
+
+    rng = _rng(21)
+    n, dim, names = 40, 16, _names(3)
+    labels = (rng.random((n, 3)) < 0.4).astype(np.float32)
+    labels[0], labels[1] = 1, 0  # every label has both classes
+    axes = np.linalg.qr(rng.normal(size=(dim, dim)))[0]
+    pos, neg = axes[:3], -axes[:3]
+    # volumes lean toward the positive prompt of exactly the labels they have: a perfect zero-shot scorer
+    vol = (2 * labels - 1) @ axes[:3] + rng.normal(size=(n, dim - 3)) @ axes[3:]
+    emb = {"volume": vol, "text": vol.copy(), "labels": labels, "keys": np.arange(n).astype(str)}
+    train = {"volume": vol, "labels": labels, "keys": emb["keys"]}
+    res = evaluate_embeddings(emb, pos, neg, 10.0, names, Config(), n_bootstrap=30, train_emb=train,
+                              plots_dir=str(tmp_path / "plots"), prefix="x/")
+    m, rep = res["metrics"], res["report"]
+    assert m["x/t2v/recall_at_1"] == 1.0 and m["x/v2t/mrr"] == 1.0  # identical embeddings retrieve perfectly
+    assert m["x/t2v/recall_at_1_random"] == pytest.approx(1 / n)
+    assert m["x/zeroshot/mean/auroc"] == 1.0 and m["x/probe/mean/auroc"] == 1.0
+    assert rep["ks_capped"] == [50, 100] and rep["n"] == n and rep["n_bootstrap"] == 30
+    assert "x/v2v/jaccard_at_1" in m and m["x/v2v/jaccard_at_1"] > m["x/v2v/jaccard_random"]
+    assert "scores" not in rep["probe"] and rep["probe"]["n_train"] == n
+    assert {p.rsplit("/", 1)[-1] for p in res["plots"]} >= {
+        "recall_at_k.png", "auroc_zeroshot.png", "auroc_probe.png", "similarity_matrix.png",
+        "projection_volume_n_abnormalities.png"}
+    assert all(_is_png(p) for p in res["plots"])

@@ -84,11 +84,7 @@ def encode_volumes(
         batch = torch.stack([F.pad(c, (0, 0, 0, 0, 0, d_max - c.shape[1]), value=-1.0) for c in part])
         feats.append(model.encode_image(batch, torch.tensor(part_depths, device=volume.device)))
     f = torch.cat(feats).float()
-    idx = torch.tensor(owner, device=f.device)
-    b, e = volume.shape[0], f.shape[1]
-    if pool == "mean":
-        pooled = torch.zeros(b, e, device=f.device).index_add_(0, idx, f)
-        pooled = pooled / torch.bincount(idx, minlength=b).clamp(min=1)[:, None]
-    else:
-        pooled = torch.full((b, e), float("-inf"), device=f.device).index_reduce_(0, idx, f, "amax")
+    counts = torch.bincount(torch.tensor(owner), minlength=volume.shape[0]).tolist()  # chunks are grouped by volume
+    parts = f.split(counts)
+    pooled = torch.stack([p.mean(0) if pool == "mean" else p.max(0).values for p in parts])
     return F.normalize(pooled, dim=-1)

@@ -1,0 +1,219 @@
+"""jobs/evaluate.py end to end on a tiny trained workspace, and the Validator used during pre-training.
+
+One tiny pre-training run (configs/tiny.yaml: 6 steps, checkpoints at steps 3 and 6, only the last with export/)
+serves every test. The evaluate job runs as a real subprocess for `--checkpoint latest` and for the error path;
+the export-folder and Ray-Train-checkpoint forms run in-process through the same `run_evaluation` (sharing this
+process's Ray instance saves two Ray start-ups).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+def run_script(script: str, *args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    p = subprocess.run([sys.executable, str(ROOT / "jobs" / script), *args], capture_output=True, text=True,
+                       timeout=timeout, env=env, cwd=cwd)
+    if p.returncode not in (0, 2):
+        print(p.stdout[-6000:], p.stderr[-6000:])
+    return p
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    ws = tmp_path_factory.mktemp("evalws")
+    # cwd = ws: MLflow's default artifact root (./mlruns) lands in the workspace, not in the repository
+    p = run_script("pretrain.py", "--config", str(ROOT / "configs" / "tiny.yaml"), f"workspace={ws}",
+                   "run_name=evaltiny", cwd=ws)
+    assert p.returncode == 0
+    assert "[eval] zero-shot mean AUROC" in p.stdout  # the training-end evaluation (volvlp_ray.eval.run) ran
+    return ws
+
+
+def _checkpoints(ws: Path) -> list[Path]:
+    return sorted(p for p in (ws / "ray_results" / "evaltiny").glob("checkpoint_*") if p.is_dir())
+
+
+def _training_run(ws: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("volvlp_ray")
+    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`volvlp.run_name` = 'evaltiny'")
+    return client, run
+
+
+@pytest.fixture(scope="module")
+def latest(workspace):
+    out = workspace / "eval-latest.json"
+    p = run_script("evaluate.py", "--checkpoint", "latest", "--out", str(out), f"workspace={workspace}",
+                   cwd=workspace)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(out.read_text(), parse_constant=_no_nan), p.stdout
+
+
+def _no_nan(token: str):
+    raise AssertionError(f"the JSON report is not strict JSON: {token}")
+
+
+def test_latest_checkpoint_report(workspace, latest) -> None:
+    report, stdout = latest
+    ckpts = _checkpoints(workspace)
+    assert report["checkpoint"]["kind"] == "latest" and report["checkpoint"]["run_name"] == "evaltiny"
+    assert report["checkpoint"]["export_dir"] == str(ckpts[-1] / "export") and report["checkpoint"]["step"] == 6
+    assert report["data"] == {"shards_dir": str(workspace / "shards"), "split": "valid", "name": "valid"}
+    assert report["n"] == 8 and report["n_bootstrap"] == 1000  # the job's default: CT-CLIP's 1000 resamples
+    assert report["ks"] == [1, 5, 10, 50, 100] and report["ks_capped"] == [10, 50, 100]
+    r = report["retrieval"]
+    for d in ("t2v", "v2t"):
+        for k in (1, 5, 10, 50, 100):
+            assert 0 <= r[f"{d}/recall_at_{k}"] <= 1 and f"{d}/recall_at_{k}_random" in r
+        assert r[f"{d}/recall_at_1_random"] == pytest.approx(1 / 8) and r[f"{d}/recall_at_100"] == 1.0
+        assert r[f"{d}/mrr_random"] == pytest.approx(sum(1 / i for i in range(1, 9)) / 8)
+        assert 1 <= r[f"{d}/median_rank"] <= 8 and r[f"{d}/median_rank_random"] == 4.5
+    assert 0 <= report["v2v"]["jaccard_at_1"] <= 1 and 0 < report["v2v"]["jaccard_random"] <= 1
+    zs = report["zeroshot"]
+    assert zs["n_bootstrap"] == 1000 and zs["n_labels"] == 18 and zs["n_labels_evaluated"] >= 1
+    for label, entry in zs["per_label"].items():
+        if label in zs["skipped"]:
+            assert entry["auroc"] is None  # NaN becomes null in the JSON
+            continue
+        for m in ("auroc", "f1_weighted", "accuracy", "precision_weighted"):
+            assert entry[f"{m}_ci_low"] <= entry[m] <= entry[f"{m}_ci_high"]
+        assert entry["threshold"] is not None
+    probe = report["probe"]
+    assert probe["n_train"] == 16 and probe["n_labels_evaluated"] >= 1 and 0 <= probe["mean"]["auroc"] <= 1
+    for line in ("[eval] checkpoint:", "[eval] linear probe: embedding all training volumes",
+                 "[eval] valid split: embedded 8/8 volumes", "[eval] report->volume: R@1",
+                 "[eval] zeroshot: mean AUROC", "logged to the training run", "[eval] JSON report:"):
+        assert line in stdout, line
+
+
+def test_latest_checkpoint_logs_to_the_training_run(workspace, latest) -> None:
+    report, _ = latest
+    client, run = _training_run(workspace)
+    assert report["mlflow"]["run_id"] == run.info.run_id
+    metrics = run.data.metrics
+    assert metrics["evaluate/valid/t2v/recall_at_1"] == report["retrieval"]["t2v/recall_at_1"]
+    assert metrics["evaluate/valid/zeroshot/mean/auroc"] == pytest.approx(report["zeroshot"]["mean"]["auroc"])
+    assert "evaluate/valid/probe/mean/auroc" in metrics and "evaluate/valid/v2v/jaccard_at_1" in metrics
+    history = client.get_metric_history(run.info.run_id, "evaluate/valid/t2v/mrr")
+    assert [m.step for m in history] == [6]  # at the checkpoint's step
+    # the same model on the same split: the training-end evaluation found the same retrieval
+    assert metrics["eval/t2v/recall_at_1"] == metrics["evaluate/valid/t2v/recall_at_1"]
+    assert metrics["eval/v2t/mrr"] == pytest.approx(metrics["evaluate/valid/v2t/mrr"])
+    plots = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "evaluate/valid/plots")}
+    assert {"recall_at_k.png", "auroc_zeroshot.png", "auroc_probe.png", "similarity_matrix.png",
+            "projection_volume_n_abnormalities.png"} <= plots
+    assert "evaluate/valid/metrics.json" in {a.path for a in client.list_artifacts(run.info.run_id, "evaluate/valid")}
+
+
+def test_no_report_text_reaches_mlflow(workspace, latest) -> None:
+    reports = workspace / "data" / "synthetic" / "radiology_text_reports"
+    sentences = set()
+    for name in ("train_reports.csv", "validation_reports.csv"):
+        for row in csv.DictReader(open(reports / name)):
+            sentences |= {s.strip() for s in row["Findings_EN"].split(".") if len(s.strip()) > 25}
+    assert sentences
+    db = sqlite3.connect(workspace / "mlflow.db")
+    blobs = [" ".join(map(str, row)) for table in ("params", "tags", "metrics", "runs")
+             for row in db.execute(f"select * from {table}")]
+    blobs += [p.read_text(errors="ignore") for p in (workspace / "mlruns").rglob("*.json")]
+    text = "\n".join(blobs)
+    assert "evaluate/valid" in text  # the evaluate job's metrics and report are in there
+    leaked = [s for s in sentences if s in text]
+    assert not leaked, leaked[:3]
+
+
+def test_deepspeed_only_checkpoint_is_refused_clearly(workspace) -> None:
+    first = _checkpoints(workspace)[0]  # step 3: DeepSpeed shards, no export
+    p = run_script("evaluate.py", "--checkpoint", str(first), cwd=workspace)
+    assert p.returncode == 2
+    assert "DeepSpeed shards only" in p.stderr and str(_checkpoints(workspace)[-1]) in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_ray_checkpoint_with_data_folder_and_sliding_chunks(workspace, ray_session, tmp_path) -> None:
+    from volvlp_ray.eval.job import run_evaluation
+
+    last = _checkpoints(workspace)[-1]
+    out = tmp_path / "sliding.json"
+    report = run_evaluation(str(last), data=str(workspace / "shards" / "valid"), out=str(out), mlflow=False,
+                            overrides=["eval.volume_mode=sliding", "eval.chunk_depth=8", "eval.chunk_stride=4",
+                                       "eval.chunk_pool=max", "eval.probe=false", "eval.n_bootstrap=0"])
+    assert report["checkpoint"]["kind"] == "ray_checkpoint" and report["checkpoint"]["run_name"] == "evaltiny"
+    assert report["eval_config"]["volume_mode"] == "sliding" and report["n_bootstrap"] == 0
+    assert report["probe"] == {"skipped": "eval.probe=false"} and "mlflow" not in report
+    saved = json.loads(out.read_text(), parse_constant=_no_nan)
+    assert saved["retrieval"] == pytest.approx(report["retrieval"])
+    assert saved["zeroshot"]["mean"]["auroc_ci_low"] is None  # no bootstrap: no CI (NaN -> null)
+
+
+def test_export_folder_outside_the_workspace_logs_a_new_run(workspace, latest, ray_session, tmp_path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from volvlp_ray.eval.job import run_evaluation
+
+    # e.g. the MLflow `model` artifact of a run started without run_name=… (the config then has none), downloaded:
+    # neither its config nor a run folder around it names the run
+    export = tmp_path / "model"
+    shutil.copytree(_checkpoints(workspace)[-1] / "export", export)
+    spec = json.loads((export / "vlp_config.json").read_text())
+    spec["run_config"]["run_name"] = None
+    (export / "vlp_config.json").write_text(json.dumps(spec))
+    report = run_evaluation(str(export), overrides=["eval.n_bootstrap=10"])
+    assert report["checkpoint"]["kind"] == "export" and report["checkpoint"]["run_name"] is None
+    assert report["mlflow"]["logged_to"].startswith("a new run")
+    # the run's own config (in the export) still points at its workspace's shards and MLflow database
+    assert report["data"]["shards_dir"] == str(workspace / "shards")
+    assert report["retrieval"] == pytest.approx(latest[0]["retrieval"])  # same model, same data
+    run = MlflowClient(report["mlflow"]["tracking_uri"]).get_run(report["mlflow"]["run_id"])
+    assert run.data.tags["volvlp.kind"] == "evaluate" and run.info.status == "FINISHED"
+    assert run.data.metrics["evaluate/valid/t2v/recall_at_1"] == report["retrieval"]["t2v/recall_at_1"]
+
+
+def test_validator(workspace, latest, ray_session) -> None:
+    from volvlp_ray.config import config_from_dict
+    from volvlp_ray.eval.checkpoint import run_config_of
+    from volvlp_ray.eval.validation import Validator
+    from volvlp_ray.models import VLP
+
+    export = _checkpoints(workspace)[-1] / "export"
+    cfg = config_from_dict(run_config_of(export))
+    model = VLP.from_pretrained(export).train()
+    validator = Validator(cfg, str(export / "tokenizer"), max_volumes=100)  # more than the split has: all 8
+    assert len(validator) == 8
+    m = validator.run(model)
+    assert model.training  # mode restored
+    report = latest[0]
+    # all 8 held-out volumes: the same numbers as the evaluate job (point estimates; no bootstrap here)
+    for key in ("t2v/recall_at_1", "t2v/recall_at_5", "v2t/recall_at_1", "t2v/mrr", "v2t/median_rank"):
+        assert m[f"val/{key}"] == pytest.approx(report["retrieval"][key]), key
+    assert m["val/zeroshot/mean/auroc"] == pytest.approx(report["zeroshot"]["mean"]["auroc"])
+    assert "val/t2v/recall_at_10" not in m  # K >= N is left out of validation metrics
+    assert m["val/n"] == 8 and m["val/seconds"] < 60
+
+    again = validator.run(model.eval())
+    assert not model.training and {k: v for k, v in again.items() if k != "val/seconds"} == \
+        {k: v for k, v in m.items() if k != "val/seconds"}
+
+    small = Validator(cfg, str(export / "tokenizer"), max_volumes=4)  # a fixed subset: the first 4 in shard order
+    assert len(small) == 4 and set(small.keys) < set(validator.keys)
+    assert small.keys == Validator(cfg, str(export / "tokenizer"), max_volumes=4).keys
+    assert small.run(model)["val/n"] == 4
+    with pytest.raises(ValueError, match="at least 2"):
+        Validator(cfg, str(export / "tokenizer"), max_volumes=1)
