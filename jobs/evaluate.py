@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="YAML file: a partial config tree (over the run's config)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.volume_mode=sliding workspace=ws")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may come before, between or after the flags
     try:
         run_evaluation(args.checkpoint, data=args.data, split=args.split, out=args.out, config_file=args.config,
                        overrides=args.overrides, mlflow=not args.no_mlflow)

@@ -141,7 +141,9 @@ def test_no_report_text_reaches_mlflow(workspace, latest) -> None:
 
 def test_deepspeed_only_checkpoint_is_refused_clearly(workspace) -> None:
     first = _checkpoints(workspace)[0]  # step 3: DeepSpeed shards, no export
-    p = run_script("evaluate.py", "--checkpoint", str(first), cwd=workspace)
+    # overrides may follow the flags (parse_intermixed_args): the error is about the checkpoint, not the arguments
+    p = run_script("evaluate.py", "eval.probe=false", "--checkpoint", str(first), "--no-mlflow", "eval.ks=[1]",
+                   cwd=workspace)
     assert p.returncode == 2
     assert "DeepSpeed shards only" in p.stderr and str(_checkpoints(workspace)[-1]) in p.stderr
     assert "Traceback" not in p.stderr
