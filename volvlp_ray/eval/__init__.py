@@ -3,6 +3,10 @@
 Pure functions over numpy arrays / torch tensors (no Ray, no model code, no MLflow). Metric dicts
 use MLflow-valid keys; :func:`flatten_metrics` turns the nested classification results into
 ``{"prefix/label/metric": float}`` for ``mlflow.log_metrics``.
+
+The model-facing modules are imported from where they live: ``embed`` (whole-volume embeddings, sliding
+chunks), ``run`` (evaluate a model on a shard split), ``checkpoint`` and ``job`` (``jobs/evaluate.py``),
+``validation`` (``Validator``, validation during pre-training).
 """
 
 from volvlp_ray.eval.plots import (

@@ -54,7 +54,8 @@ def encode_volumes(
         chunk_depth: slices per chunk, rounded down to a multiple of the z patch (at least one patch).
         chunk_stride: slices between chunk starts.
         pool: ``"mean"`` or ``"max"`` over a volume's chunk features.
-        max_chunks_per_pass: chunks encoded together (bounds memory for deep volumes / large batches).
+        max_chunks_per_pass: chunks encoded together; callers pass ``eval.batch_size`` so a pass never holds more
+            than a whole-mode batch.
     """
     if volume.ndim != 5 or depths.ndim != 1 or depths.shape[0] != volume.shape[0]:
         raise ValueError(f"expected volume (B, 1, D, H, W) and depths (B,), got {tuple(volume.shape)}, "

@@ -90,7 +90,7 @@ def embed_split(
     for batch in ds.iter_batches(batch_size=e.batch_size, batch_format="numpy"):
         b = collate(batch, patch_z, tuple(cfg.data.hu_window))
         vols.append(encode_volumes(model, b["volume"].to(device, dtype), b["depths"].to(device), e.volume_mode,
-                                   e.chunk_depth, e.chunk_stride, e.chunk_pool).float().cpu())
+                                   e.chunk_depth, e.chunk_stride, e.chunk_pool, e.batch_size).float().cpu())
         texts.append(model.encode_text(b["input_ids"].to(device), b["attention_mask"].to(device)).float().cpu())
         labels.append(b["labels"].numpy())
         keys.extend(str(k) for k in batch["key"])

@@ -82,7 +82,7 @@ class Validator:
         vols, texts = [], []
         for b in self._batches:
             vols.append(encode_volumes(model, b["volume"].to(device, dtype), b["depths"].to(device), e.volume_mode,
-                                       e.chunk_depth, e.chunk_stride, e.chunk_pool).float().cpu())
+                                       e.chunk_depth, e.chunk_stride, e.chunk_pool, e.batch_size).float().cpu())
             texts.append(model.encode_text(b["input_ids"].to(device), b["attention_mask"].to(device)).float().cpu())
         ids, mask = self._prompts
         p = model.encode_text(ids.to(device), mask.to(device)).float().cpu().numpy()
