@@ -129,30 +129,38 @@ def non_loopback_ipv4() -> str | None:
     return None
 
 
-def stop(proc: subprocess.Popen | None, timeout: float = 60) -> None:
-    """SIGTERM to the process group, SIGKILL if it is still there after ``timeout`` seconds."""
-    if proc is None or proc.poll() is not None and not _group_alive(proc.pid):
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.time() + timeout
-    while time.time() < deadline and (proc.poll() is None or _group_alive(proc.pid)):
-        time.sleep(0.5)
-    if proc.poll() is None or _group_alive(proc.pid):
+def stop(*procs: subprocess.Popen | None, timeout: float = 60) -> None:
+    """SIGTERM to each process group (all at once), SIGKILL to those still there after ``timeout`` seconds."""
+    procs = tuple(p for p in procs if p is not None)
+    for proc in procs:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(_alive(p) for p in procs):
+        time.sleep(0.5)
+    for proc in procs:
+        if _alive(proc):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         proc.wait(10)
 
 
+def _alive(proc: subprocess.Popen) -> bool:
+    return proc.poll() is None or _group_alive(proc.pid)
+
+
 def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+    """Whether any live (non-zombie) process is left in process group ``pgid``."""
+    import psutil
+
+    for p in psutil.process_iter(["status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(p.pid) == pgid:
+                return True
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return False

@@ -6,10 +6,12 @@ side of it (what MLflow holds, what it must not hold, who the head and the serve
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import socket
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -52,8 +54,7 @@ def cluster(tmp_path_factory):
         yield {"address": address, "env": env, "token": token, "tracking_uri": tracking_uri, "mlflow_port": mlflow_port,
                "mlflow_pid": server.pid, "mlflow_root": tmp / "mlflow", "tmp": tmp}
     finally:
-        stop(head)
-        stop(server)
+        stop(head, server, timeout=20)  # then SIGKILL: a test cluster has nothing to save
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +140,11 @@ def test_no_patient_data_reaches_the_mlflow_server(cluster, submitted, tmp_path)
     files = [p for p in everything.rglob("*") if p.is_file()]
     files += [p for p in cluster["mlflow_root"].rglob("*") if p.is_file() and not p.name.endswith(".log")]
     assert any(p.name == "model.safetensors" for p in files) and any(p.suffix == ".db" for p in files)
-    texts += [p.read_bytes().decode("utf-8", errors="ignore") for p in files]
+    # the project's own source travels with an MLflow model (code_paths); the synthetic generator's sentence
+    # templates in it are code, not patient data: skip files identical to a source file, scan everything else
+    source = {hashlib.sha256(p.read_bytes()).digest() for p in (ROOT / "volvlp_ray").rglob("*.py")}
+    texts += [b.decode("utf-8", errors="ignore") for p in files
+              if hashlib.sha256(b := p.read_bytes()).digest() not in source]
     blob = "\n".join(texts)
     leaked = [s for s in sentences if s in blob]
     assert not leaked, leaked[:3]
@@ -162,10 +167,11 @@ def test_ray_head_rejects_requests_without_the_token(cluster, submitted):
         p = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert p.returncode != 0, p.stdout + p.stderr
         assert "authentication" in (p.stdout + p.stderr).lower()
-    listed = subprocess.run([str(BIN / "ray"), "job", "list", "--address", cluster["address"]], env=cluster["env"],
-                            capture_output=True, text=True, timeout=120)
-    assert listed.returncode == 0 and "volvlp-should-not-run" not in listed.stdout
-    assert "jobs/pretrain.py" in listed.stdout  # the authenticated submission is there
+    request = urllib.request.Request(jobs_url, headers={"Authorization": f"Bearer {cluster['token']}"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        entrypoints = [job.get("entrypoint") or "" for job in json.load(r)]
+    assert not [e for e in entrypoints if "volvlp-should-not-run" in e]
+    assert [e for e in entrypoints if "jobs/pretrain.py" in e]  # the authenticated submission is there
 
 
 def test_mlflow_server_binds_loopback_by_default(cluster):
