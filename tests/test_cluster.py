@@ -169,12 +169,20 @@ def test_kuberay_rayjob_entrypoint_and_runtime_env(path):
     if not script.is_file():
         pytest.skip(f"{argv[1]} is not in the tree yet")
     assert config.is_file(), argv[3]
-    if argv[1] == "jobs/pretrain.py":
-        cfg = load_config(config, overrides)  # every override is a real config key
-        assert cfg.scaling.use_gpu and cfg.workspace.startswith("/mnt/shared")
-        gpus = sum(int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) * g["maxReplicas"]
-                   for g in spec["rayClusterSpec"]["workerGroupSpecs"] for c in containers(g["template"]))
-        assert gpus >= cfg.scaling.num_workers
+    cfg = load_config(config, overrides)  # every override is a real config key
+    assert cfg.scaling.use_gpu and cfg.workspace.startswith("/mnt/shared")
+    # the worker groups hold what the job asks for: GPUs for every worker of every concurrent trial, and a
+    # pod's CPUs for each worker on it
+    groups = spec["rayClusterSpec"]["workerGroupSpecs"]
+    gpus = sum(int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) * g["maxReplicas"]
+               for g in groups for c in containers(g["template"]))
+    trials = max(1, cfg.sweep.max_concurrent) if argv[1] == "jobs/sweep.py" else 1
+    assert gpus >= cfg.scaling.num_workers * trials
+    for g in groups:
+        for c in containers(g["template"]):
+            per_pod = int(c["resources"]["limits"]["nvidia.com/gpu"])
+            assert int(c["resources"]["requests"]["cpu"]) >= cfg.scaling.cpus_per_worker * min(
+                per_pod, cfg.scaling.num_workers)
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["env_vars"]["MLFLOW_TRACKING_URI"].startswith("http")
     assert not [k for k in runtime_env["env_vars"] if CREDENTIAL_NAME.search(k)]  # the dashboard shows runtime envs
