@@ -108,6 +108,27 @@ def test_report_text_reaches_mlflow_only_with_the_opt_in(tmp_path):
     assert "report.txt" in {a.path for a in client.list_artifacts(run_id)}
 
 
+def test_voxels_reach_mlflow_only_with_the_opt_in(tmp_path):
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+
+    from volvlp_ray.config import load_config
+    from volvlp_ray.tracking import PrivacyError, log_volume_artifact, start_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(None, [f"workspace={tmp_path}", f"tracking.tracking_uri={uri}"])
+    run_id = start_run(cfg, "privacy-voxels")
+    volume = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+    with pytest.raises(PrivacyError, match="tracking.log_volumes"):
+        log_volume_artifact(cfg, run_id, volume, "volumes/case.npy")
+    client = MlflowClient(uri)
+    assert not client.list_artifacts(run_id, "volumes")
+    opted = load_config(None, [f"workspace={tmp_path}", f"tracking.tracking_uri={uri}", "tracking.log_volumes=true"])
+    log_volume_artifact(opted, run_id, volume, "volumes/case.npy")
+    local = client.download_artifacts(run_id, "volumes/case.npy", str(tmp_path))
+    np.testing.assert_array_equal(np.load(local, allow_pickle=False), volume)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # shards: never unpickled
 

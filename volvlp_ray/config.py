@@ -148,6 +148,9 @@ class TrainConfig:
     """> 0: embedding-gradient caching with micro-batches of this size (contrastive batches beyond memory)."""
     max_failures: int = 0
     """Ray Train FailureConfig.max_failures."""
+    storage_path: str | None = None
+    """Where Ray Train keeps runs and checkpoints (and sweeps their trials): default ``{workspace}/ray_results``;
+    any pyarrow filesystem URI, e.g. ``s3://bucket/ray_results`` (credentials from the environment)."""
 
 
 @dataclass
@@ -226,6 +229,31 @@ class TrackingConfig:
 
 
 @dataclass
+class SweepConfig:
+    """``jobs/sweep.py``: Ray Tune over config keys, each trial a pre-training run (ignored by other jobs)."""
+
+    name: str | None = None
+    """Sweep name (Tune experiment, MLflow parent run); run again with the same name to resume."""
+    search_space: dict[str, Any] = field(default_factory=lambda: {
+        "loss.alpha": [0.5, 1.0], "model.init_logit_scale": [5.0, 10.0]})
+    """Dotted config key -> a list (grid), or {grid: [...]}, {choice: [...]}, {uniform: [lo, hi]},
+    {loguniform: [lo, hi]}, {randint: [lo, hi]}. Temperature = 1 / model.init_logit_scale."""
+    num_samples: int = 1
+    """Samples of the space (each grid point is repeated num_samples times)."""
+    metric: str = "val/zeroshot/mean/auroc"
+    """Validation metric the scheduler and the best trial go by (e.g. val/t2v/recall_at_10)."""
+    mode: str = "max"
+    scheduler: str = "asha"
+    """asha (early stopping of weak trials at validation points) | fifo (every trial runs to the end)."""
+    grace_period: int = 0
+    """ASHA: steps every trial runs before it can be stopped; 0 = train.steps // 4."""
+    reduction_factor: int = 2
+    max_concurrent: int = 0
+    """Trials at a time; 0 = as many as the cluster's CPUs/GPUs hold (each trial needs scaling.num_workers
+    workers plus a CPU for its data pipeline)."""
+
+
+@dataclass
 class Config:
     workspace: str = "workspace"
     """Folder holding data, shards, runs and the default MLflow database."""
@@ -239,6 +267,7 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -259,6 +288,8 @@ _CHOICES = {
     ("model", "text_pool"): ("cls", "mean"),
     ("loss", "kind"): ("sigmoid", "clip", "swca"),
     ("loss", "form"): ("sigmoid", "softmax"),
+    ("sweep", "mode"): ("max", "min"),
+    ("sweep", "scheduler"): ("asha", "fifo"),
     ("train", "optimizer"): ("adamw", "muon"),
     ("train", "zero_stage"): (0, 1, 2, 3),
     ("data", "text_mode"): ("report", "organ"),
@@ -312,6 +343,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be a list, got {value!r}")
         (item_tp,) = typing.get_args(tp)
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{where} must be a mapping with string keys, got {value!r}")
+        return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -18,8 +18,8 @@ from typing import Any
 from volvlp_ray.config import Config, config_to_dict, dump_yaml, flatten
 
 __all__ = [
-    "MetricLogger", "PrivacyError", "last_logged_step", "log_text_artifact", "resolve_tracking_uri", "start_run",
-    "system_info",
+    "MetricLogger", "PrivacyError", "last_logged_step", "log_text_artifact", "log_volume_artifact",
+    "resolve_tracking_uri", "start_run", "system_info",
 ]
 
 _MAX_PARAM = 6000
@@ -60,8 +60,9 @@ def system_info() -> dict[str, str]:
     return {f"sys.{k}": v for k, v in info.items()}
 
 
-def start_run(cfg: Config, run_name: str) -> str:
-    """Create the MLflow run for ``run_name`` (or return the id of an existing one) and log the config."""
+def start_run(cfg: Config, run_name: str, tags: dict[str, str] | None = None) -> str:
+    """Create the MLflow run for ``run_name`` (or return the id of an existing one) and log the config.
+    ``tags`` are added to a new run (e.g. ``mlflow.parentRunId`` makes it a nested child run)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -76,7 +77,8 @@ def start_run(cfg: Config, run_name: str) -> str:
         run_id = existing[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id
-    run = client.create_run(exp_id, run_name=run_name, tags={"volvlp.run_name": run_name, **system_info()})
+    run = client.create_run(exp_id, run_name=run_name,
+                            tags={"volvlp.run_name": run_name, **system_info(), **(tags or {})})
     run_id = run.info.run_id
     from mlflow.entities import Param
 
@@ -125,6 +127,21 @@ class MetricLogger:
     def set_tags(self, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))
+
+
+def log_volume_artifact(cfg: Config, run_id: str, volume: Any, path: str) -> None:
+    """Log a volume (array) as a ``.npy`` artifact; refused unless ``tracking.log_volumes`` is true."""
+    if not cfg.tracking.log_volumes:
+        raise PrivacyError("CT voxels are patient data: set tracking.log_volumes=true to log them to MLflow")
+    import tempfile
+
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, os.path.basename(path) if path.endswith(".npy") else os.path.basename(path) + ".npy")
+        np.save(local, np.asarray(volume), allow_pickle=False)
+        MlflowClient(resolve_tracking_uri(cfg)).log_artifact(run_id, local, os.path.dirname(path) or None)
 
 
 def log_text_artifact(cfg: Config, run_id: str, text: str, path: str) -> None:

@@ -142,7 +142,11 @@ class TrainDatasetFactory:
     Dataset positioned at the epoch of the run's latest checkpoint (``progress.json`` in it)."""
 
     def __init__(self, cfg: Config, tokenizer_dir: str, run_dir: str):
+        from ray.data import DataContext
+
         self.cfg, self.tokenizer_dir, self.run_dir = cfg, tokenizer_dir, run_dir
+        # it is called in Ray Train's controller, whose DataContext is not the driver's
+        self.progress_bars = DataContext.get_current().enable_progress_bars
 
     def resume_epoch(self) -> int:
         epoch = 0
@@ -155,7 +159,9 @@ class TrainDatasetFactory:
         epoch = self.resume_epoch()
         if epoch:
             log.info("training data starts at epoch %d (resumed run %s)", epoch, self.run_dir)
-        return build_dataset(self.cfg, "train", self.tokenizer_dir, training=True, first_epoch=epoch)
+        ds = build_dataset(self.cfg, "train", self.tokenizer_dir, training=True, first_epoch=epoch)
+        ds.context.enable_progress_bars = self.progress_bars
+        return ds
 
 
 def latest_progress(run_dir: str) -> dict[str, Any] | None:

@@ -13,6 +13,8 @@ Without MLflow, the same folder loads with ``volvlp_ray.VLP.from_pretrained`` (s
 
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +65,9 @@ def log_vlp_model(run_id: str, export_dir: str, tracking_uri: str, name: str = "
     active = mlflow.active_run()
     if active is not None and active.info.run_id != run_id:
         raise RuntimeError(f"another MLflow run ({active.info.run_id}) is active in this process")
-    with mlflow.start_run(run_id=run_id, nested=False) as run:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per copied file otherwise
+    with mlflow.start_run(run_id=run_id, nested=False) as run, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
         info = mlflow.pyfunc.log_model(
             name=name, python_model=str(_ENTRY), artifacts={"export": str(export_dir)},
             pip_requirements=reqs,  # given, not inferred: inference would import and run the model

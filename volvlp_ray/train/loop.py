@@ -112,6 +112,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             print(f"[train] resumed from step {step} (epoch {start_epoch}, {skip_batches} batches into it) "
                   f"from {checkpoint.path}", flush=True)
 
+    validator = None
+    if cfg.eval.every > 0:
+        from volvlp_ray.eval.validation import Validator
+
+        # every rank holds the subset and runs it: under ZeRO-3 a forward pass is collective, and every rank
+        # then reports the same numbers to Ray Train (Tune's schedulers read them)
+        validator = Validator(cfg, loop_config["tokenizer_dir"])
+        if rank == 0:
+            print(f"[train] validation every {cfg.eval.every} steps on {len(validator)} held-out volumes", flush=True)
+
     logger = None
     if rank == 0:
         logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"])
@@ -200,9 +210,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 t_last, samples_since, wait_time, truncated = now, 0, 0.0, 0
 
             final = step >= cfg.train.steps
+            val: dict[str, float] = {}
+            # validation also at checkpoints, so that every report to Ray Train (and Tune) carries the metrics
+            if validator is not None and (step % cfg.eval.every == 0 or step % cfg.train.checkpoint_every == 0
+                                          or final):
+                val = validator.run(engine.module)
+                if logger:
+                    logger.log(val, step)
+                    print(f"[val] step {step}: t2v MRR {val['val/t2v/mrr']:.3f}, zero-shot mean AUROC "
+                          f"{val['val/zeroshot/mean/auroc']:.3f} ({val['val/seconds']:.1f}s)", flush=True)
             if step % cfg.train.checkpoint_every == 0 or final:
                 _save_and_report(engine, cfg, step, float(loss), rank, final, tokenizer,
-                                 epoch=epoch, batch_in_epoch=batch_in_epoch)
+                                 epoch=epoch, batch_in_epoch=batch_in_epoch, extra=val)
+            elif val:
+                ray.train.report({"step": step, "loss": float(loss), "epoch": epoch, **val})
             if final:
                 done = True
                 break
@@ -210,7 +231,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def _save_and_report(engine, cfg: Config, step: int, loss: float, rank: int, final: bool, tokenizer, *,
-                     epoch: int, batch_in_epoch: int) -> None:
+                     epoch: int, batch_in_epoch: int, extra: dict[str, float] | None = None) -> None:
     """Every rank writes its DeepSpeed shard and its RNG/data state to a local folder; ``ray.train.report``
     uploads them into one checkpoint directory in storage, registered once every rank's upload is done."""
     import ray.train
@@ -229,7 +250,8 @@ def _save_and_report(engine, cfg: Config, step: int, loss: float, rank: int, fin
                 f.write(dump_yaml(cfg))
             with open(os.path.join(tmp, PROGRESS_FILE), "w") as f:
                 json.dump(progress, f)
-        ray.train.report({"step": step, "loss": loss, "epoch": epoch}, checkpoint=Checkpoint.from_directory(tmp))
+        ray.train.report({"step": step, "loss": loss, "epoch": epoch, **(extra or {})},
+                         checkpoint=Checkpoint.from_directory(tmp))
 
 
 def _export(engine, cfg: Config, rank: int, tokenizer, path: str) -> None:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,9 @@ __all__ = ["ensure_ray", "ensure_shards", "ensure_tokenizer", "run_pretraining"]
 log = logging.getLogger(__name__)
 
 
-def ensure_ray(cfg: Config) -> None:
-    """Join the cluster at ``$RAY_ADDRESS`` if set, else start a local Ray instance."""
+def ensure_ray(cfg: Config, concurrent_trials: int = 1) -> None:
+    """Join the cluster at ``$RAY_ADDRESS`` if set, else start a local Ray instance sized for
+    ``concurrent_trials`` training runs at once (a sweep)."""
     import ray
 
     if ray.is_initialized():
@@ -33,7 +35,7 @@ def ensure_ray(cfg: Config) -> None:
         return
     # Logical CPUs: the training workers hold theirs for the whole run, and Ray Data's read/decode tasks
     # need CPUs of their own beside them, so a small machine gets headroom over its core count.
-    need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker * concurrent_trials
     num_cpus = max(os.cpu_count() or 1, need) + max(2, need)
     # the dashboard process serves the state API that Ray Train's controller polls
     # address="local": always a new instance of our own, never a cluster some `ray start` left on this machine
@@ -84,11 +86,31 @@ def ensure_tokenizer(cfg: Config) -> str:
     return str(out)
 
 
+def runs_storage(cfg: Config) -> str:
+    """Ray Train's ``storage_path``: ``train.storage_path`` (a path or URI) or ``{workspace}/ray_results``."""
+    return (cfg.train.storage_path or str(cfg.workspace_path / "ray_results")).rstrip("/")
+
+
+def local_export(checkpoint) -> str:
+    """The final checkpoint's ``export/`` as a local folder (downloaded when the checkpoint is remote)."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return os.path.join(checkpoint.path, "export")
+    local = Path(tempfile.mkdtemp(prefix="volvlp-export-"))
+    pyarrow.fs.copy_files(f"{checkpoint.path}/export", str(local), source_filesystem=checkpoint.filesystem,
+                          destination_filesystem=pyarrow.fs.LocalFileSystem())
+    return str(local)
+
+
 def default_run_name(cfg: Config) -> str:
     return f"{cfg.loss.kind}-{cfg.model.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def build_trainer(cfg: Config, run_name: str, tokenizer_dir: str, tracking_uri: str, run_id: str):
+def build_trainer(cfg: Config, run_name: str, tokenizer_dir: str, tracking_uri: str, run_id: str,
+                  callbacks: list | None = None, storage: str | None = None):
+    """The TorchTrainer of one training run; ``storage``: where Ray Train keeps the run (default
+    ``{workspace}/ray_results``); ``callbacks``: Ray Train callbacks (a sweep passes Tune's)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -110,7 +132,7 @@ def build_trainer(cfg: Config, run_name: str, tokenizer_dir: str, tracking_uri: 
     }}
     if not cfg.scaling.use_gpu:
         env["env_vars"]["DS_ACCELERATOR"] = "cpu"
-    storage = str(cfg.workspace_path / "ray_results")
+    storage = storage or runs_storage(cfg)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config_to_dict(cfg), "tokenizer_dir": tokenizer_dir,
@@ -124,6 +146,7 @@ def build_trainer(cfg: Config, run_name: str, tokenizer_dir: str, tracking_uri: 
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             worker_runtime_env=env,
+            callbacks=callbacks,
         ),
         # a factory: Ray Train calls it at every (re)start of the worker group, so a resumed run's stream
         # starts at the epoch of its latest checkpoint
@@ -159,7 +182,7 @@ def run_pretraining(cfg: Config) -> dict[str, Any]:
         if result.error:
             raise result.error
         ckpt_dir = result.checkpoint.path
-        export_dir = os.path.join(ckpt_dir, "export")
+        export_dir = local_export(result.checkpoint)
         print(f"[train] done in {fit_s:.0f}s; checkpoint {ckpt_dir}", flush=True)
         if not os.path.isfile(os.path.join(export_dir, "vlp_config.json")):
             raise RuntimeError(f"the final checkpoint {ckpt_dir} has no export/ (was the run stopped before its "
@@ -190,8 +213,6 @@ def run_pretraining(cfg: Config) -> dict[str, Any]:
 
 
 def evaluate_export(cfg: Config, export_dir: str, tokenizer_dir: str, client, run_id: str) -> dict[str, float]:
-    import tempfile
-
     from volvlp_ray.eval.run import evaluate_model
     from volvlp_ray.models import VLP
 

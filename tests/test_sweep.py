@@ -1,0 +1,129 @@
+"""Sweeps: the search-space parser, the concurrency rule, and a real 4-trial sweep (2 at a time) on the tiny
+config that is interrupted after its first finished trial and resumed with the same name."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from volvlp_ray.config import Config, ConfigError, config_to_dict, load_config
+from volvlp_ray.tune import apply_params, parse_search_space, trial_concurrency
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_search_space_forms_and_errors():
+    from ray.tune.search.sample import Domain
+
+    base = config_to_dict(Config())
+    space = parse_search_space({"loss.alpha": [0.25, 0.5], "train.lr": {"loguniform": [1e-4, 1e-2]},
+                                "loss.kind": {"choice": ["sigmoid", "swca"]}}, base)
+    assert space["loss.alpha"] == {"grid_search": [0.25, 0.5]}
+    assert isinstance(space["train.lr"], Domain) and isinstance(space["loss.kind"], Domain)
+    with pytest.raises(ConfigError, match="unknown config key 'loss.alhpa'"):
+        parse_search_space({"loss.alhpa": [0.5]}, base)
+    with pytest.raises(ConfigError, match="must be a number"):
+        parse_search_space({"loss.alpha": ["high"]}, base)
+    with pytest.raises(ConfigError, match="needs \\[low, high\\]"):
+        parse_search_space({"train.lr": {"uniform": [1e-3]}}, base)
+    with pytest.raises(ConfigError, match="must be a list or one of"):
+        parse_search_space({"train.lr": {"normal": [0, 1]}}, base)
+    cfg = apply_params(base, {"loss.alpha": 0.25, "model.init_logit_scale": 5.0})
+    assert cfg.loss.alpha == 0.25 and cfg.model.init_logit_scale == 5.0 and cfg.train.lr == Config().train.lr
+
+
+def test_concurrency_follows_resources():
+    cfg = Config()  # 2 workers x 1 CPU + 1 CPU for data = 3 per trial
+    assert trial_concurrency(cfg, {"CPU": 8}) == 2
+    assert trial_concurrency(cfg, {"CPU": 30}) == 10
+    cfg.sweep.max_concurrent = 3
+    assert trial_concurrency(cfg, {"CPU": 30}) == 3
+    cfg.scaling.use_gpu = True
+    assert trial_concurrency(cfg, {"CPU": 30, "GPU": 4}) == 2
+    with pytest.raises(RuntimeError, match="one trial needs 3 CPUs"):
+        trial_concurrency(Config(), {"CPU": 2})
+
+
+SWEEP_ARGS = [
+    "loss.kind=swca", "train.steps=4", "train.checkpoint_every=2", "train.log_every=1", "eval.every=2",
+    "eval.val_volumes=8", "sweep.name=st", "sweep.max_concurrent=2", "sweep.grace_period=2",
+    "sweep.search_space={loss.alpha: [0.5, 1.0], model.init_logit_scale: [5.0, 10.0]}",
+]
+
+
+def _env() -> dict:
+    e = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    e.pop("RAY_ADDRESS", None)
+    e.pop("MLFLOW_TRACKING_URI", None)
+    return e
+
+
+def _children(client, exp_id: str, parent_id: str):
+    return client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def test_sweep_interrupted_resumes_and_records_everything(tmp_path):
+    import psutil
+    from mlflow.tracking import MlflowClient
+
+    cmd = [sys.executable, str(ROOT / "jobs" / "sweep.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+           f"workspace={tmp_path}", *SWEEP_ARGS]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    # first attempt: killed (the driver and its local Ray) as soon as one trial has finished
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=ROOT)
+    out1: list[str] = []
+    reader = threading.Thread(target=lambda: out1.extend(proc.stdout), daemon=True)
+    reader.start()
+    finished, deadline = 0, time.time() + 900
+    while proc.poll() is None and time.time() < deadline:
+        time.sleep(2)
+        exp = client.get_experiment_by_name("volvlp_ray") if (tmp_path / "mlflow.db").exists() else None
+        parents = client.search_runs([exp.experiment_id], "tags.`volvlp.sweep_parent` = 'true'") if exp else []
+        if parents:
+            finished = sum(r.info.status == "FINISHED" for r in _children(client, exp.experiment_id,
+                                                                           parents[0].info.run_id))
+            if finished:
+                for pid in [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                break
+    proc.wait()
+    reader.join(timeout=10)
+    assert finished >= 1, "no trial finished before the deadline:\n" + "".join(out1)[-5000:]
+
+    p = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=900)
+    out2 = p.stdout + p.stderr
+    assert p.returncode == 0, out2[-6000:]
+    assert "[sweep] resuming st" in out2
+
+    exp = client.get_experiment_by_name("volvlp_ray")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`volvlp.sweep_parent` = 'true'")
+    assert parent.info.status == "FINISHED" and parent.data.tags["volvlp.sweep"] == "st"
+    children = _children(client, exp.experiment_id, parent.info.run_id)
+    assert len(children) == 4, [c.info.run_name for c in children]  # resuming created no duplicate trials
+    grid = {(c.data.params["loss.alpha"], c.data.params["model.init_logit_scale"]) for c in children}
+    assert grid == {(a, s) for a in ("0.5", "1.0") for s in ("5.0", "10.0")}
+    for c in children:
+        assert c.info.status in ("FINISHED", "KILLED")
+        assert client.get_metric_history(c.info.run_id, "train/loss"), "each trial has its loss curve"
+        assert client.get_metric_history(c.info.run_id, "val/zeroshot/mean/auroc")
+    best = [c for c in children if c.data.tags.get("volvlp.best_trial") == "true"]
+    assert len(best) == 1 and parent.data.tags["volvlp.best_run_id"] == best[0].info.run_id
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "plots")} == {"plots/sweep_metric.png"}
+
+    best_yaml = tmp_path / "sweeps" / "st" / "best.yaml"
+    cfg = load_config(best_yaml)  # what `jobs/pretrain.py --config best.yaml` loads
+    assert cfg.loss.alpha == float(best[0].data.params["loss.alpha"])
+    assert cfg.model.init_logit_scale == float(best[0].data.params["model.init_logit_scale"])
+    assert cfg.loss.kind == "swca" and cfg.train.steps == 4 and cfg.run_name is None
+    assert "best.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
