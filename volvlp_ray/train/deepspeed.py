@@ -1,9 +1,19 @@
 """DeepSpeed wiring: the engine config (ZeRO stage, precision, clipping, warmup + cosine) and parameter groups.
 
-Optimizers are DeepSpeed's own: ``AdamW`` (torch's implementation on CPU) or ``Muon``. For Muon, DeepSpeed
-tags each parameter itself: hidden matrices (>= 2-D, name without "embed") go to Muon, everything else
-(patch/token embeddings, norms, biases, logit scale and bias) to the auxiliary AdamW. Weight decay is
-applied to matrices only.
+Optimizers are DeepSpeed's own: ``AdamW`` (torch's implementation, fused on GPU) or ``Muon``. For Muon,
+DeepSpeed (0.19) tags each parameter itself when the engine is built: hidden matrices (>= 2-D, name without
+"embed" or "lm_head") go to Muon, everything else (the 5-D Conv3d ``patch_embed``, token / position
+embeddings, ``cls_embed``, the attention pool's ``query_embed``, norms, biases, ``logit_scale`` and
+``logit_bias``) to the auxiliary AdamW. :func:`routes_to_muon` states that rule; :func:`param_groups` puts
+exactly the Muon parameters into the weight-decayed group, so "decay" = Muon and "no_decay" = AdamW.
+
+Precision: bf16 on GPU (when the device supports it), fp32 on CPU. ZeRO-3 with Muon needs
+``zero_optimization.reduce_scatter = false`` (DeepSpeed orthogonalises full gradients there and refuses
+"Muon and reduce scatter cannot be used together"); :func:`deepspeed_config` sets it.
+
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
+        config=deepspeed_config(cfg, use_gpu), dist_init_required=False)
 """
 
 from __future__ import annotations
@@ -15,15 +25,30 @@ from torch import nn
 
 from volvlp_ray.config import Config
 
-__all__ = ["deepspeed_config", "param_groups"]
+__all__ = ["MUON_EXCLUDED_NAMES", "compile_blocks", "deepspeed_config", "param_groups", "routes_to_muon"]
+
+MUON_EXCLUDED_NAMES = ("embed", "lm_head")
+"""Name parts (lower-cased) that keep a >= 2-D parameter on AdamW: DeepSpeed 0.19's own rule."""
+
+
+def routes_to_muon(name: str, param: torch.Tensor) -> bool:
+    """Whether DeepSpeed's Muon optimizer trains ``param`` (named ``name`` in ``model.named_parameters()``)
+    with Muon rather than the auxiliary AdamW: a layer of >= 2 dims whose name contains none of
+    :data:`MUON_EXCLUDED_NAMES`. Under ZeRO-3 the layer's shape is ``param.ds_shape``."""
+    shape = getattr(param, "ds_shape", None)
+    ndim = len(tuple(param.shape) if shape is None else tuple(shape))
+    return ndim >= 2 and not any(part in name.lower() for part in MUON_EXCLUDED_NAMES)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters in two groups: ``decay`` (hidden matrices, the Muon half under ``optimizer=muon``)
+    with ``weight_decay``, and ``no_decay`` (embeddings incl. the patch embedding, norms, biases, logit scale
+    and bias; the AdamW half) without. Frozen parameters are left out."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+        (decay if routes_to_muon(name, p) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
@@ -31,19 +56,29 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def deepspeed_config(cfg: Config, use_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed config of ``cfg.train``: ZeRO stage, bf16 on a bf16-capable GPU (fp32 otherwise),
+    gradient clipping, AdamW or Muon, linear warmup then cosine decay to ``lr * min_lr_ratio``."""
     t = cfg.train
-    bf16 = use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if t.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}")
+    if t.optimizer not in ("adamw", "muon"):
+        raise ValueError(f"train.optimizer must be adamw or muon, got {t.optimizer!r}")
+    gpu = use_gpu and torch.cuda.is_available()
+    bf16 = gpu and torch.cuda.is_bf16_supported()
     opt_params: dict[str, Any] = {"lr": t.lr, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": t.weight_decay}
+    # torch's AdamW everywhere (``torch_adam``): DeepSpeed's FusedAdam is a JIT-built CUDA op whose build fails
+    # on some GPUs (arch "9.0a"); torch's fused AdamW is one kernel per step on GPU
     if t.optimizer == "adamw":
-        opt = {"type": "AdamW", "params": {**opt_params, "torch_adam": not use_gpu}}
+        opt = {"type": "AdamW", "params": {**opt_params, "torch_adam": True, **({"fused": True} if gpu else {})}}
     else:
-        opt = {"type": "Muon", "params": {**opt_params, "muon_lr": t.muon_lr, "momentum": 0.95,
-                                          "torch_adam": not use_gpu}}
+        opt = {"type": "Muon", "params": {**opt_params, "muon_lr": t.muon_lr, "momentum": 0.95, "torch_adam": True}}
     zero: dict[str, Any] = {"stage": t.zero_stage}
     if t.zero_stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=True)
+        if t.optimizer == "muon":
+            zero.update(reduce_scatter=False)  # DeepSpeed: "Muon and reduce scatter cannot be used together"
     if t.zero_stage in (1, 2):
-        zero.update(overlap_comm=use_gpu, contiguous_gradients=True, reduce_bucket_size=5e7,
+        zero.update(overlap_comm=gpu, contiguous_gradients=True, reduce_bucket_size=5e7,
                     allgather_bucket_size=5e7)
     return {
         "train_micro_batch_size_per_gpu": t.batch_size,
@@ -67,3 +102,18 @@ def deepspeed_config(cfg: Config, use_gpu: bool) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """``torch.compile`` each vision transformer block in place (regional compilation); returns how many.
+
+    ``nn.Module.compile`` keeps parameter names and state-dict keys unchanged, so DeepSpeed's Muon routing,
+    checkpoints and exports are unaffected, and one compiled block graph is reused by every block of the same
+    shape. Fuses RoPE, norms, GELU and the residual adds around the attention and matmul kernels.
+    """
+    blocks = getattr(getattr(model, "vision", model), "blocks", None)
+    if blocks is None:
+        raise ValueError(f"{type(model).__name__} has no vision transformer blocks to compile")
+    for blk in blocks:
+        blk.compile()
+    return len(blocks)
