@@ -12,6 +12,8 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
+        from volvlp_ray.train.trainer import start_local_ray
+
+        start_local_ray(num_cpus=4, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()

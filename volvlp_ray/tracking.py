@@ -70,7 +70,13 @@ def start_run(cfg: Config, run_name: str, tags: dict[str, str] | None = None) ->
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+    if exp is None:
+        # a local database keeps its artifacts beside it in the workspace (MLflow's default would be ./mlruns
+        # under whatever directory the job was started from); a server decides for itself
+        location = (cfg.workspace_path / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
+        exp_id = client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
     existing = client.search_runs([exp_id], filter_string=f"tags.`volvlp.run_name` = '{run_name}'",
                                   max_results=1, order_by=["attributes.start_time DESC"])
     if existing:

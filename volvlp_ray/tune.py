@@ -167,7 +167,9 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
         else:
             steps = cfg.train.steps
             scheduler = ASHAScheduler(
-                time_attr="step", max_t=steps, grace_period=cfg.sweep.grace_period or max(1, steps // 4),
+                # max_t beyond the last step: a trial that gets there ends by itself (Tune would otherwise
+                # stop -- kill -- it at its final report, before its run is closed)
+                time_attr="step", max_t=steps + 1, grace_period=cfg.sweep.grace_period or max(1, steps // 4),
                 reduction_factor=cfg.sweep.reduction_factor,
             ) if cfg.sweep.scheduler == "asha" else FIFOScheduler()
             tuner = tune.Tuner(

@@ -38,9 +38,40 @@ def ensure_ray(cfg: Config, concurrent_trials: int = 1) -> None:
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker * concurrent_trials
     num_cpus = max(os.cpu_count() or 1, need) + max(2, need)
     # the dashboard process serves the state API that Ray Train's controller polls
-    # address="local": always a new instance of our own, never a cluster some `ray start` left on this machine
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, logging_level=logging.WARNING)
+    start_local_ray(num_cpus=num_cpus, include_dashboard=True, logging_level=logging.WARNING)
     print(f"[ray] started a local instance with {num_cpus} logical CPUs", flush=True)
+
+
+def start_local_ray(**init_kwargs: Any) -> str:
+    """A new local Ray instance of our own (never a cluster some ``ray start`` left on this machine) whose
+    processes know its address: Ray Train's placement-group cleaner finds "the" cluster through
+    ``$RAY_ADDRESS`` or ``/tmp/ray/ray_current_cluster``, and the file names whichever instance on the machine
+    started last -- with two instances (a test session and a job, two jobs) the cleaner would query the wrong
+    one and never free the resources of a run that was stopped (a sweep's early-stopped trial).
+    Returns the GCS address."""
+    import socket
+
+    import ray
+
+    with socket.socket() as sock:  # a free port for the GCS, so that its address is known before it starts
+        sock.bind(("", 0))
+        port = sock.getsockname()[1]
+    ip = ray.util.get_node_ip_address()
+    runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), "RAY_ADDRESS": f"{ip}:{port}"}
+    previous = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        ctx = ray.init(address="local", runtime_env=runtime_env, **init_kwargs)
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = previous
+    gcs = ctx.address_info["gcs_address"]
+    if gcs != f"{ip}:{port}":
+        log.warning("local Ray's GCS is at %s, not %s:%d as planned", gcs, ip, port)
+    return gcs
 
 
 def ensure_shards(cfg: Config) -> str:
@@ -167,6 +198,7 @@ def run_pretraining(cfg: Config) -> dict[str, Any]:
     ensure_shards(cfg)
     tokenizer_dir = ensure_tokenizer(cfg)
     run_name = cfg.run_name or default_run_name(cfg)
+    cfg.run_name = run_name  # the export's config then names its run (jobs/evaluate.py finds the MLflow run)
     tracking_uri = resolve_tracking_uri(cfg)
     run_id = start_run(cfg, run_name)
     client = MlflowClient(tracking_uri)
