@@ -2,6 +2,9 @@
 
     python jobs/benchmark.py loss --out loss.json     # global losses: per-rank peak memory and time vs world size,
                                                       # all-gather vs ring (gloo processes on this machine)
+    python jobs/benchmark.py model --out model.json   # the whole training step (vision + text + loss + optimizer,
+                                                      # DeepSpeed): samples/s, tokens/s, peak memory, MFU; no Ray
+                                                      # unless --ray (the same step in Ray Train, one worker)
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-SUITES = {"loss": "volvlp_ray.benchmarks.loss"}
+SUITES = {"loss": "volvlp_ray.benchmarks.loss", "model": "volvlp_ray.benchmarks.model"}
 
 
 def main(argv: list[str] | None = None) -> int:

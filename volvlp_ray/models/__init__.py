@@ -4,7 +4,14 @@ No distributed code lives here; wrapping (DeepSpeed, activation checkpointing po
 ``volvlp_ray.train``.
 """
 
-from volvlp_ray.models.text import TEXT_PRESETS, TextTower, build_tokenizer, load_tokenizer, text_tower_from_config
+from volvlp_ray.models.text import (
+    TEXT_PRESETS,
+    TextTower,
+    build_tokenizer,
+    load_tokenizer,
+    text_flops_per_sample,
+    text_tower_from_config,
+)
 from volvlp_ray.models.vision import VIT3D_PRESETS, RotaryEmbedding3D, ViT3D, vit3d_flops_per_sample, vit3d_from_config
 from volvlp_ray.models.vlp import VLP, build_model
 
@@ -18,6 +25,7 @@ __all__ = [
     "build_model",
     "build_tokenizer",
     "load_tokenizer",
+    "text_flops_per_sample",
     "text_tower_from_config",
     "vit3d_flops_per_sample",
     "vit3d_from_config",

@@ -37,6 +37,7 @@ __all__ = [
     "TextTower",
     "build_tokenizer",
     "load_tokenizer",
+    "text_flops_per_sample",
     "text_tower_from_config",
 ]
 
@@ -45,8 +46,10 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 TEXT_PRESETS: dict[str, dict[str, int]] = {
     "scratch-tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
     "scratch-small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
+    "scratch-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
 }
-"""``BertConfig`` sizes of the randomly initialised text towers (``ModelConfig.text_model``)."""
+"""``BertConfig`` sizes of the randomly initialised text towers (``ModelConfig.text_model``). ``scratch-base`` is
+BERT-base / BioClinicalBERT-sized: the benchmark's stand-in for a pretrained clinical encoder (no download)."""
 
 MAX_POSITIONS = 512
 
@@ -221,3 +224,17 @@ def text_tower_from_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase)
             raise ValueError(f"tokenizer has {len(tokenizer)} tokens but {cfg.text_model!r} embeds only {vocab}")
     return TextTower(model, pool=cfg.text_pool, freeze_layers=cfg.freeze_text_layers)
 
+
+def text_flops_per_sample(model_or_config: TextTower | PreTrainedModel | PretrainedConfig, tokens: int) -> float:
+    """Forward FLOPs of a BERT-class encoder on one text of ``tokens`` tokens (a training step is ~3x this).
+
+    2 FLOPs per multiply-add of every layer matmul (q, k, v, output: 4 h^2; MLP: 2 h * intermediate) plus
+    attention ``4 * tokens**2 * h`` per layer; embedding look-ups, norms, softmax and pooling are ignored.
+    Reads ``hidden_size``, ``num_hidden_layers`` and ``intermediate_size`` (default 4 h) from the HF config.
+    """
+    if isinstance(model_or_config, TextTower):
+        model_or_config = model_or_config.model
+    config = model_or_config.config if isinstance(model_or_config, PreTrainedModel) else model_or_config
+    h, layers = int(config.hidden_size), int(config.num_hidden_layers)
+    inter = int(getattr(config, "intermediate_size", None) or 4 * h)
+    return layers * (2.0 * tokens * (4 * h * h + 2 * h * inter) + 4.0 * tokens * tokens * h)
