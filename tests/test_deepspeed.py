@@ -17,7 +17,7 @@ import torch
 
 from volvlp_ray.config import Config, ModelConfig
 from volvlp_ray.models import build_model, build_tokenizer
-from volvlp_ray.train.deepspeed import deepspeed_config, param_groups, routes_to_muon
+from volvlp_ray.train.deepspeed import compile_blocks, deepspeed_config, param_groups, routes_to_muon
 
 CORPUS = [
     "No pleural effusion. Mild cardiomegaly is present.",
@@ -81,6 +81,22 @@ def test_deepspeed_config_per_stage_and_optimizer():
     cfg.train.zero_stage = 4
     with pytest.raises(ValueError, match="zero_stage"):
         deepspeed_config(cfg, use_gpu=False)
+
+
+def test_compile_blocks_keeps_names_and_outputs():
+    tokenizer = build_tokenizer(CORPUS, 200)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(pool="mean"), tokenizer).eval()
+    keys = list(model.state_dict())
+    x = torch.randn(2, 1, 8, 32, 32)
+    with torch.no_grad():
+        ref = model.vision(x, torch.tensor([8, 4]))
+    assert compile_blocks(model, backend="eager") == len(model.vision.blocks) == 3
+    assert list(model.state_dict()) == keys  # checkpoints, exports and Muon routing see the same names
+    with torch.no_grad():
+        torch.testing.assert_close(model.vision(x, torch.tensor([8, 4])), ref)
+    with pytest.raises(ValueError, match="no vision transformer blocks"):
+        compile_blocks(torch.nn.Linear(2, 2))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -315,3 +315,95 @@ def test_export_of_a_pretrained_text_model_loads_offline(tmp_path):
     texts = ["lung nodule"]
     torch.testing.assert_close(loaded.embed_text(texts), model.embed_text(texts), rtol=0, atol=0)
     assert not any(p.requires_grad for p in loaded.text.model.embeddings.parameters())
+
+
+# --------------------------------------------------------------------------------------------------------
+# GPU-facing properties, checked on CPU
+
+
+def test_attention_gets_no_mask_unless_a_sample_is_padded(monkeypatch):
+    """SDPA's flash / cuDNN kernels take no arbitrary mask: unpadded batches must pass none."""
+    masks = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, attn_mask=None, **kw):
+        masks.append(attn_mask)
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    vit = small_vit("attn")
+    x = torch.randn(2, 1, 12, 32, 32)
+    with torch.no_grad():
+        for depths in (None, torch.tensor([12, 12]), torch.tensor([12, 9])):  # 9 slices still fill 3 z-patches
+            masks.clear()
+            vit(x, depths)
+            assert len(masks) == vit.depth + 1 and all(m is None for m in masks), depths
+        masks.clear()
+        vit(x, torch.tensor([12, 8]))
+    assert len(masks) == vit.depth + 1
+    assert all(m is not None and m.dtype == torch.bool and m.shape == (2, 1, 1, 3 * 2 * 2) for m in masks)
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean", "attn"])
+def test_bf16_forward_and_backward_match_fp32(pool):
+    """The GPU path runs the model in bf16 (DeepSpeed casts the module): RoPE tables, masks and pooling follow."""
+    vit = small_vit(pool).train()
+    x, depths = torch.randn(2, 1, 12, 32, 32), torch.tensor([12, 8])
+    ref = vit(x, depths)
+    half = small_vit(pool).train().to(torch.bfloat16)
+    half.load_state_dict({k: v.to(torch.bfloat16) for k, v in vit.state_dict().items()})
+    out = half(x.to(torch.bfloat16), depths)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+    out.float().pow(2).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad.float()).all() for p in half.parameters())
+
+
+@pytest.mark.parametrize("depth", [1, 5])
+def test_any_number_of_blocks_and_head_dims_rope_cannot_split(depth):
+    vit = ViT3D(dim=36, depth=depth, heads=3, patch=PATCH)  # head dim 12: 2 rotation pairs per axis
+    assert len(vit.blocks) == depth and vit(torch.randn(1, 1, 4, 16, 16)).shape == (1, 36)
+    with pytest.raises(ValueError, match="even head dim >= 6"):
+        ViT3D(dim=20, depth=1, heads=4)  # head dim 5
+    with pytest.raises(ValueError, match="even head dim >= 6"):
+        ViT3D(dim=16, depth=1, heads=4)  # head dim 4: less than one pair per axis
+
+
+def test_logit_scale_and_bias_learn(tokenizer):
+    model = build_model(ModelConfig(), tokenizer).train()
+    from volvlp_ray.losses import build_loss
+
+    batch = tokenizer(["no effusion", "lung nodule present", "emphysema", "hiatal hernia"], padding=True,
+                      return_tensors="pt")
+    out = model(torch.randn(4, 1, 8, 32, 32), None, batch["input_ids"], batch["attention_mask"])
+    build_loss("sigmoid")(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"]).backward()
+    assert model.logit_scale.grad is not None and model.logit_scale.grad.abs().item() > 0
+    assert model.logit_bias.grad is not None and model.logit_bias.grad.abs().item() > 0
+    assert model.vision_proj.weight.grad.abs().sum() > 0 and model.text_proj.weight.grad.abs().sum() > 0
+
+
+def test_text_tower_from_a_local_hf_folder_and_vocab_check(tmp_path):
+    """``model.text_model`` = a local folder: AutoModel + AutoTokenizer load it (the cluster path, offline)."""
+    from transformers import BertConfig, BertModel
+
+    tok = build_tokenizer(CORPUS, 300)
+    src = tmp_path / "clinical-bert"
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(src)
+    tok.save_pretrained(src)
+    cfg = ModelConfig(text_model=str(src), text_pool="cls", freeze_text_layers=2)
+    tokenizer = load_tokenizer(cfg)
+    model = build_model(cfg, tokenizer)
+    assert model.text.model.pooler is None and model.text.hidden_size == 32 and model.text.pool == "cls"
+    assert [any(p.requires_grad for p in layer.parameters()) for layer in model.text.model.encoder.layer] == [
+        False, False, True]
+    ref = BertModel.from_pretrained(src, add_pooling_layer=False).eval()
+    enc = tokenizer(["mild cardiomegaly", "no pleural effusion"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model.text.eval()(enc["input_ids"], enc["attention_mask"]),
+                                   ref(**enc).last_hidden_state[:, 0])
+    small = tmp_path / "small-vocab"
+    BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(small)
+    with pytest.raises(ValueError, match="embeds only 50"):
+        build_model(ModelConfig(text_model=str(small)), tokenizer)

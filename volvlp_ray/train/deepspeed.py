@@ -104,16 +104,17 @@ def deepspeed_config(cfg: Config, use_gpu: bool) -> dict[str, Any]:
     }
 
 
-def compile_blocks(model: nn.Module) -> int:
+def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> int:
     """``torch.compile`` each vision transformer block in place (regional compilation); returns how many.
 
     ``nn.Module.compile`` keeps parameter names and state-dict keys unchanged, so DeepSpeed's Muon routing,
     checkpoints and exports are unaffected, and one compiled block graph is reused by every block of the same
     shape. Fuses RoPE, norms, GELU and the residual adds around the attention and matmul kernels.
+    ``compile_kwargs`` go to ``torch.compile`` (e.g. ``mode="max-autotune-no-cudagraphs"``).
     """
     blocks = getattr(getattr(model, "vision", model), "blocks", None)
     if blocks is None:
         raise ValueError(f"{type(model).__name__} has no vision transformer blocks to compile")
     for blk in blocks:
-        blk.compile()
+        blk.compile(**compile_kwargs)
     return len(blocks)
