@@ -91,3 +91,15 @@ def test_gpu_requests_without_cuda_are_clear_errors(tmp_path, capsys, monkeypatc
     assert exc.value.code == 2
     assert "bf16 needs a CUDA GPU" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.slow
+def test_the_same_step_through_ray_train_reports_its_overhead(ray_session, tmp_path):
+    report = run(out=str(tmp_path / "r.json"), size=32, depth=8, batch_size=2, text_length=16, steps=3, warmup=1,
+                 threads=1, ray=True)
+    direct, via_ray = report["direct"], report["ray_train"]
+    assert via_ray["world_size"] == direct["world_size"] == 1
+    assert via_ray["engine"] == direct["engine"] and via_ray["flops_per_sample"] == direct["flops_per_sample"]
+    assert via_ray["final_loss"] == pytest.approx(direct["final_loss"], rel=1e-4)  # the same seeded step
+    assert via_ray["samples_per_s"] > 0 and via_ray["fit_wall_s"] > 0
+    assert report["ray_overhead_pct"] == pytest.approx(100 * (1 - via_ray["samples_per_s"] / direct["samples_per_s"]))

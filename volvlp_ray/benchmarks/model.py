@@ -228,6 +228,25 @@ def _measure_direct(s: dict[str, Any]) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
+def _direct_child(s: dict[str, Any], path: str) -> None:
+    Path(path).write_text(json.dumps(_measure_direct(s)))
+
+
+def _measure_direct_in_child(s: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_measure_direct` in a fresh (spawned) process: nothing of it stays in this one, so the GPU memory
+    it used is free again for the Ray Train worker that runs next."""
+    import multiprocessing
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "direct.json")
+        child = multiprocessing.get_context("spawn").Process(target=_direct_child, args=(s, path))
+        child.start()
+        child.join()
+        if child.exitcode != 0 or not os.path.exists(path):
+            raise RuntimeError(f"the direct benchmark process failed (exit code {child.exitcode}); see its output above")
+        return json.loads(Path(path).read_text())
+
+
 def _ray_loop(config: dict[str, Any]) -> None:
     """Ray Train worker: the same measurement; the figures come back as a JSON file in a checkpoint."""
     import ray.train
@@ -309,6 +328,7 @@ def run(
         grad_checkpointing, compile (``torch.compile`` of each vision block), attention (SDPA backend),
         padded (a key-padding mask in attention): the options that change the step's speed.
         steps / warmup: timed / untimed steps. peak_tflops: MFU denominator (default 989 on CUDA, none on CPU).
+        threads: torch threads (default 1 on CPU, like a training worker; torch's default on GPU).
         ray: also run the step inside Ray Train with one worker and report the overhead.
     """
     from volvlp_ray.models import TEXT_PRESETS, VIT3D_PRESETS
@@ -344,6 +364,8 @@ def run(
         raise ValueError(f"attention={attention!r} is not one of {list(ATTENTION_BACKENDS)}")
     if steps < 1 or warmup < 0 or batch_size < 1:
         raise ValueError(f"need steps >= 1, warmup >= 0, batch_size >= 1; got {steps}, {warmup}, {batch_size}")
+    if threads is None and device == "cpu":
+        threads = 1  # as a CPU training worker (scaling.cpus_per_worker = 1); more oversubscribe a shared host
     if peak_tflops is None and device == "cuda":
         peak_tflops = 989.0
     settings = dict(
@@ -353,7 +375,9 @@ def run(
         steps=steps, warmup=warmup, peak_tflops=peak_tflops, threads=threads, seed=seed,
     )
     started = time.perf_counter()
-    direct = _measure_direct(settings)
+    # with --ray the direct run gets a process of its own, as the Ray Train worker does: its GPU memory is
+    # released before the worker starts, and both start from the same state
+    direct = _measure_direct_in_child(settings) if ray else _measure_direct(settings)
     report: dict[str, Any] = {
         "benchmark": "model",
         "config": {**settings, "patch": list(patch)},
@@ -405,7 +429,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="MFU denominator in TFLOP/s (default 989 = H100 bf16 dense on CUDA; none on CPU)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads and the Ray worker's CPUs (default on CPU: 1, as a training worker)")
     parser.add_argument("--ray", action="store_true", help="also through Ray Train with one worker (needs Ray)")
     parser.add_argument("--seed", type=int, default=0)
 
