@@ -145,6 +145,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     t_last, samples_since, wait_time, truncated = time.perf_counter(), 0, 0.0, 0
     done = step >= cfg.train.steps
+    if done:
+        # a finished run started again (a driver rerun, a resumed sweep trial): nothing to train; report the
+        # final state once more so that whoever waits on this run (Tune) gets its metrics
+        if rank == 0:
+            print(f"[train] the run already reached step {step}; nothing to train", flush=True)
+        val = validator.run(engine.module) if validator is not None else {}
+        ray.train.report({"step": step, "epoch": start_epoch, **val})
     for epoch in itertools.count(start_epoch):
         if done:
             break
