@@ -110,6 +110,9 @@ def _assert_same_curve(points: dict[int, list[float]], ref: dict[int, list[float
     assert not dup, f"duplicated step metrics: {dup}"
     ours = np.array([points[s][0] for s in range(1, STEPS + 1)])
     theirs = np.array([ref[s][0] for s in range(1, STEPS + 1)])
+    print(f"\nloss vs the uninterrupted run: max |diff| before step {exact_through}: "
+          f"{np.abs(ours[:exact_through] - theirs[:exact_through]).max():.3g}, after step {resumed_from}: "
+          f"{np.abs(ours[resumed_from:] - theirs[resumed_from:]).max():.3g}")
     # before the failure: two runs with one seed on CPU give the same loss curve
     np.testing.assert_array_equal(ours[:exact_through], theirs[:exact_through])
     # after the resume: model, optimizer, schedule, RNG and data position were restored

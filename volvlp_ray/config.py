@@ -90,7 +90,7 @@ class ModelConfig:
     """Batch-normalise the projected features (no affine) before L2 normalisation; keeps freshly initialised
     towers from collapsing on CT, where volumes share most of their content. Batch statistics are per worker."""
     text_model: str = "scratch-tiny"
-    """"scratch-tiny" / "scratch-small" (random init, tokenizer built from the corpus) or a Hugging Face
+    """"scratch-tiny" / "scratch-small" / "scratch-base" (random init, tokenizer built from the corpus) or a Hugging Face
     model id / local path (e.g. emilyalsentzer/Bio_ClinicalBERT)."""
     text_vocab_size: int = 2000
     """Vocabulary of the tokenizer built from the corpus (scratch text towers only)."""
@@ -106,6 +106,8 @@ class ModelConfig:
     bias-only optimum is about -log(B), and starting far below it costs hundreds of steps on small runs."""
     grad_checkpointing: bool = False
     """Activation checkpointing in the vision blocks."""
+    compile: bool = False
+    """``torch.compile`` each vision block in place (regional; parameter names unchanged). Pays off on GPU."""
 
 
 @dataclass

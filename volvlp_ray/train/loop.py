@@ -80,6 +80,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(loop_config["tokenizer_dir"])
     model = build_model(cfg.model, tokenizer)
+    if cfg.model.compile:
+        from volvlp_ray.train.deepspeed import compile_blocks
+
+        compile_blocks(model)
     loss_fn = build_loss_from_config(cfg)
 
     micro = cfg.train.grad_cache_micro_batch
