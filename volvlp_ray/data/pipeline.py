@@ -22,7 +22,7 @@ import torch
 
 from volvlp_ray.config import Config
 from volvlp_ray.data.organs import chunk_text
-from volvlp_ray.data.shards import DecodeError, decode_sample, read_manifest
+from volvlp_ray.data.shards import DecodeError, decode_sample, intact_shards
 from volvlp_ray.data.transforms import normalise
 
 __all__ = [
@@ -34,9 +34,8 @@ _counter = itertools.count()
 
 
 def shard_files(cfg: Config, split: str) -> list[str]:
-    split_dir = Path(cfg.shards_path) / split
-    manifest = read_manifest(split_dir)
-    return [str(split_dir / s["name"]) for s in manifest["shards"]]
+    """The split's shards listed in its manifest, less any missing or truncated one (logged as an error)."""
+    return intact_shards(Path(cfg.shards_path) / split)
 
 
 def study_id(key: str) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import tarfile
 import uuid
@@ -28,6 +29,7 @@ __all__ = [
     "ShardSpec",
     "decode_sample",
     "encode_sample",
+    "intact_shards",
     "read_manifest",
     "write_group_shards",
     "write_json_atomic",
@@ -37,6 +39,8 @@ __all__ = [
 class DecodeError(ValueError):
     """A shard sample that cannot be used (undecodable array, bad text, missing member)."""
 
+
+log = logging.getLogger(__name__)
 
 ShardSpec = dict  # {"name": str, "samples": int, "bytes": int, "sha256": str}
 
@@ -124,6 +128,29 @@ def read_manifest(split_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no shard manifest at {path}; run jobs/prepare_data.py first")
     return json.loads(path.read_text())
+
+
+def intact_shards(split_dir: str | os.PathLike) -> list[str]:
+    """Paths of the manifest's shards that are on disk with the size the manifest records.
+
+    A missing or truncated tar would make the reader fail the whole stream (a tar read error is no bad
+    sample), so each one is logged as an error and left out; the samples of every other shard stay. One
+    ``stat`` per shard: a full sha256 check is ``prepare_data``'s business, not every training start's.
+    """
+    split_dir = Path(split_dir)
+    good = []
+    for spec in read_manifest(split_dir)["shards"]:
+        path = split_dir / spec["name"]
+        size = path.stat().st_size if path.is_file() else None
+        if size is None or ("bytes" in spec and size != spec["bytes"]):
+            found = "missing" if size is None else f"{size} bytes"
+            log.error("skipping shard %s: %s, the manifest says %s bytes (%s samples lost); rerun "
+                      "jobs/prepare_data.py to rebuild it", path, found, spec.get("bytes"), spec.get("samples"))
+            continue
+        good.append(str(path))
+    if not good:
+        raise FileNotFoundError(f"no intact shard in {split_dir}: every shard is missing or truncated")
+    return good
 
 
 def decode_sample(row: dict[str, Any]) -> dict[str, Any]:
