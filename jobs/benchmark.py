@@ -5,6 +5,9 @@
     python jobs/benchmark.py model --out model.json   # the whole training step (vision + text + loss + optimizer,
                                                       # DeepSpeed): samples/s, tokens/s, peak memory, MFU; no Ray
                                                       # unless --ray (the same step in Ray Train, one worker)
+    python jobs/benchmark.py data --out data.json     # shards from --volumes synthetic volumes: raw shard read MB/s
+                                                      # vs per-sample NIfTI load + resample vs the Ray Data loader
+                                                      # (volumes/s, MB/s, padded-token fractions)
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import argparse
 import importlib
 import sys
 
-SUITES = {"loss": "volvlp_ray.benchmarks.loss", "model": "volvlp_ray.benchmarks.model"}
+SUITES = {"loss": "volvlp_ray.benchmarks.loss", "model": "volvlp_ray.benchmarks.model",
+          "data": "volvlp_ray.benchmarks.data"}
 
 
 def main(argv: list[str] | None = None) -> int:

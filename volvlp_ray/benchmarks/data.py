@@ -1,0 +1,198 @@
+"""Benchmark the data path: raw shard read vs per-sample NIfTI loading vs the project's Ray Data loader.
+
+On shards made from ``--volumes`` synthetic volumes (made with the same code as ``jobs/prepare_data.py``, in
+``--workspace`` or a temporary folder), one run measures side by side:
+
+(a) ``raw_read``: sequential read of the training shard files (the same bytes the loader reads), MB/s: once
+    after dropping them from the page cache (``cold_mb_per_s``, the disk), then warm (``mb_per_s``, as the
+    loader finds them; the ratio target is taken against this one);
+(b) ``nifti_baseline``: what CT-CLIP-style loaders do per sample in ``__getitem__``: load the NIfTI volume,
+    rescale, reorient, resample, window, crop/pad (``preprocess_volume``), one process, volumes/s;
+(c) ``loader``: ``build_dataset`` (ray.data.read_webdataset -> decode -> chunk + text -> tokenise) ->
+    ``iter_batches`` -> ``collate``, two full passes over the training split (the second is ``loader``, the
+    first, with Ray Data's start-up in it, ``loader_first_pass``), volumes/s and MB/s of shard bytes;
+    plus the fraction of padded tokens in collated batches: vision tokens (depth padded to the longest volume
+    of the batch) and text tokens (padded to ``data.max_text_length``).
+
+``ratios`` compares them with issue #3's targets: loader >= 60 % of (a) in MB/s, >= 10x (b) in volumes/s,
+vision padding <= 10 %.
+
+Usage: ``python jobs/benchmark.py data --out FILE.json [--volumes 200] [--workspace DIR] [key=value ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TARGETS = {"loader_vs_raw_mbps": 0.6, "loader_vs_nifti_volumes_per_s": 10.0, "vision_padding_fraction": 0.10}
+
+
+def _raw_read(files: list[str], block: int = 8 << 20) -> dict[str, Any]:
+    def read_all(drop_cache: bool = False) -> int:
+        n = 0
+        for f in files:
+            with open(f, "rb", buffering=0) as fh:
+                if drop_cache and hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                while chunk := fh.read(block):
+                    n += len(chunk)
+        return n
+
+    t0 = time.perf_counter()
+    read_all(drop_cache=True)  # clean pages leave the cache: this pass reads from the disk (where the OS obeys)
+    cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    n = read_all()  # the page cache is warm now, as the loader passes after it will find it
+    dt = time.perf_counter() - t0
+    return {"files": len(files), "bytes": n, "seconds": dt, "mb_per_s": n / 1e6 / dt,
+            "cold_seconds": cold, "cold_mb_per_s": n / 1e6 / cold}
+
+
+def _nifti_baseline(source: str, cfg, limit: int) -> dict[str, Any]:
+    from volvlp_ray.data.ctrate import read_split
+    from volvlp_ray.data.transforms import preprocess_volume
+
+    records = read_split(source, "train")[0][:limit]
+    out_bytes = in_bytes = 0
+    t0 = time.perf_counter()
+    for r in records:
+        res = preprocess_volume(r.path, r.slope, r.intercept, tuple(cfg.data.spacing), cfg.data.in_plane_size,
+                                tuple(cfg.data.hu_window), r.xy_spacing, r.z_spacing)
+        out_bytes += res.volume.nbytes
+        in_bytes += os.path.getsize(r.path)
+    dt = time.perf_counter() - t0
+    return {"volumes": len(records), "seconds": dt, "volumes_per_s": len(records) / dt,
+            "nifti_mb_per_s": in_bytes / 1e6 / dt, "output_mb_per_s": out_bytes / 1e6 / dt, "processes": 1}
+
+
+def _loader(cfg, tokenizer_dir: str, batch_size: int, shard_bytes: int) -> dict[str, Any]:
+    from volvlp_ray.data.pipeline import build_dataset, collate
+
+    pz = cfg.model.patch[0]
+    ds = build_dataset(cfg, "train", tokenizer_dir, training=True)
+    n = batches = 0
+    z_tokens = z_padded = text_tokens = text_padded = 0
+    depths_seen: list[int] = []
+    t0 = time.perf_counter()
+    first = None
+    for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False):
+        if first is None:
+            first = time.perf_counter() - t0
+        t = collate(batch, patch_z=pz, hu_window=tuple(cfg.data.hu_window))
+        b, d_max = t["volume"].shape[0], t["volume"].shape[2]
+        real = (-(-t["depths"] // pz)).sum().item()  # z patches holding data
+        z_tokens += b * d_max // pz
+        z_padded += b * d_max // pz - real
+        mask = t["attention_mask"]
+        text_tokens += mask.numel()
+        text_padded += int((mask == 0).sum())
+        depths_seen += t["depths"].tolist()
+        n += b
+        batches += 1
+    dt = time.perf_counter() - t0
+    return {
+        "volumes": n, "batches": batches, "batch_size": batch_size, "seconds": dt,
+        "first_batch_s": first, "volumes_per_s": n / dt, "shard_mb_per_s": shard_bytes / 1e6 / dt,
+        # in-plane patches per slice are the same for every volume, so z patches count vision tokens
+        "vision_padding_fraction": z_padded / max(1, z_tokens),
+        "text_padding_fraction": text_padded / max(1, text_tokens),
+        "depth_slices": {"min": int(min(depths_seen)), "median": float(np.median(depths_seen)),
+                         "max": int(max(depths_seen))},
+    }
+
+
+def run(out: str | None = None, volumes: int = 200, val_volumes: int = 8, workspace: str | None = None,
+        batch_size: int = 8, baseline_volumes: int = 50, overrides: list[str] | None = None) -> dict[str, Any]:
+    import ray
+
+    from volvlp_ray.config import load_config
+    from volvlp_ray.data.shards import read_manifest
+    from volvlp_ray.train.trainer import ensure_shards, ensure_tokenizer, start_local_ray
+
+    tmp = None
+    if workspace is None:
+        tmp = tempfile.TemporaryDirectory(prefix="volvlp-bench-data-")
+        workspace = tmp.name
+    try:
+        cfg = load_config(None, [f"workspace={os.path.abspath(workspace)}", "data.source=synthetic",
+                                 f"data.num_volumes={volumes}", f"data.num_val_volumes={val_volumes}",
+                                 *(overrides or [])])
+        if not ray.is_initialized():
+            start_local_ray(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level="WARNING")
+        t0 = time.perf_counter()
+        source = ensure_shards(cfg)
+        prepare_s = time.perf_counter() - t0
+        tokenizer_dir = ensure_tokenizer(cfg)
+        split_dir = Path(cfg.shards_path) / "train"
+        manifest = read_manifest(split_dir)
+        files = [str(split_dir / s["name"]) for s in manifest["shards"]]
+        raw = _raw_read(files)
+        baseline = _nifti_baseline(source, cfg, baseline_volumes)
+        passes = [_loader(cfg, tokenizer_dir, batch_size, raw["bytes"]) for _ in range(2)]
+        for p in passes:
+            assert p["volumes"] == manifest["num_samples"], (p["volumes"], manifest["num_samples"])
+        loader = passes[1]  # the second pass: Ray Data's workers and the tokenizer are up, as in a training run
+        ratios = {
+            "loader_vs_raw_mbps": loader["shard_mb_per_s"] / raw["mb_per_s"],
+            "loader_vs_cold_raw_mbps": loader["shard_mb_per_s"] / raw["cold_mb_per_s"],
+            "loader_vs_nifti_volumes_per_s": loader["volumes_per_s"] / baseline["volumes_per_s"],
+            "vision_padding_fraction": loader["vision_padding_fraction"],
+        }
+        report = {
+            "suite": "data",
+            "machine": {"cpus": os.cpu_count(), "ray_cpus": ray.cluster_resources().get("CPU"),
+                        "python": platform.python_version(), "platform": platform.platform()},
+            "config": {"volumes": volumes, "batch_size": batch_size, "spacing": list(cfg.data.spacing),
+                       "in_plane_size": cfg.data.in_plane_size, "text_mode": cfg.data.text_mode,
+                       "max_text_length": cfg.data.max_text_length, "patch": list(cfg.model.patch),
+                       "shards": len(files), "shard_bytes": raw["bytes"], "prepare_or_reuse_s": prepare_s},
+            "raw_read": raw,
+            "nifti_baseline": baseline,
+            "loader": loader,
+            "loader_first_pass": passes[0],
+            "ratios": ratios,
+            "targets": TARGETS,
+            "meets_target": {
+                "loader_vs_raw_mbps": ratios["loader_vs_raw_mbps"] >= TARGETS["loader_vs_raw_mbps"],
+                "loader_vs_nifti_volumes_per_s":
+                    ratios["loader_vs_nifti_volumes_per_s"] >= TARGETS["loader_vs_nifti_volumes_per_s"],
+                "vision_padding_fraction": ratios["vision_padding_fraction"] <= TARGETS["vision_padding_fraction"],
+            },
+        }
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps(report, indent=2))
+        return report
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=None, help="write the JSON report here")
+    parser.add_argument("--volumes", type=int, default=200, help="synthetic training volumes")
+    parser.add_argument("--val-volumes", type=int, default=8, help="synthetic held-out volumes (not timed)")
+    parser.add_argument("--workspace", default=None, help="keep data and shards here (default: a temp dir)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--baseline-volumes", type=int, default=50, help="volumes timed for the NIfTI baseline")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.in_plane_size=96")
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    report = run(out=args.out, volumes=args.volumes, val_volumes=args.val_volumes, workspace=args.workspace,
+                 batch_size=args.batch_size, baseline_volumes=args.baseline_volumes, overrides=args.overrides)
+    print(json.dumps({"ratios": report["ratios"], "meets_target": report["meets_target"],
+                      "raw_mb_per_s": report["raw_read"]["mb_per_s"],
+                      "nifti_volumes_per_s": report["nifti_baseline"]["volumes_per_s"],
+                      "loader_volumes_per_s": report["loader"]["volumes_per_s"],
+                      "loader_mb_per_s": report["loader"]["shard_mb_per_s"]}, indent=2))
+    return report
