@@ -216,9 +216,18 @@ def _summarise(cfg: Config, name: str, grid, client, parent_run_id: str, base: d
         if child is None:
             continue
         client.set_tag(child.info.run_id, "volvlp.best_trial", str(r is best).lower())
-        if child.info.status == "RUNNING":  # stopped early by the scheduler: its actor was killed
+        # Tune's outcome is the truth: a trial killed by the scheduler never closes its run, and one that was
+        # running when an interrupted sweep's driver died may have marked itself FAILED before Tune, on
+        # resume, found it complete
+        if r["error"] is not None:
+            status = "FAILED"
+        elif r["step"] is not None and r["step"] >= cfg.train.steps:
+            status = "FINISHED"
+        else:
+            status = "KILLED"
             client.set_tag(child.info.run_id, "volvlp.stopped_early", "true")
-            client.set_terminated(child.info.run_id, "KILLED")
+        if child.info.status != status:
+            client.set_terminated(child.info.run_id, status)
     best_child = children.get(best["trial_id"])
 
     best_cfg = apply_params(base, best["params"])
