@@ -164,3 +164,14 @@ def _group_alive(pgid: int) -> bool:
         except (ProcessLookupError, psutil.Error):
             continue
     return False
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL process ``pid`` and every descendant (a job's driver with the local Ray it started)."""
+    import psutil
+
+    for p in [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clusterutil import kill_tree
 
 ROOT = Path(__file__).parents[1]
 STEPS, EVERY = 40, 5
@@ -42,7 +43,6 @@ def _run_and_kill(cmd: list[str], kill_after_step: int, target: str, timeout: fl
     """Run ``cmd``; once rank 0 reports a step >= ``kill_after_step``, SIGKILL either that Ray Train worker
     (``target="worker"``, by the pid in its log prefix) or the driver with everything it started
     (``target="driver"``). Returns (exit code, output, the step seen at the kill)."""
-    import psutil
 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=ROOT,
                             start_new_session=True)
@@ -58,12 +58,7 @@ def _run_and_kill(cmd: list[str], kill_after_step: int, target: str, timeout: fl
                 if target == "worker":
                     os.kill(int(m.group(1)), signal.SIGKILL)
                 else:  # the driver's whole process tree: its local Ray (GCS, raylet, workers) dies with it
-                    tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-                    for pid in tree:
-                        try:
-                            os.kill(pid, signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
+                    kill_tree(proc.pid)
                     break
         proc.wait()
     finally:

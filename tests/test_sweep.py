@@ -4,7 +4,6 @@ config that is interrupted after its first finished trial and resumed with the s
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from clusterutil import kill_tree
 
 from volvlp_ray.config import Config, ConfigError, config_to_dict, load_config
 from volvlp_ray.tune import apply_params, parse_search_space, trial_concurrency
@@ -70,7 +70,6 @@ def _children(client, exp_id: str, parent_id: str):
 
 
 def test_sweep_interrupted_resumes_and_records_everything(tmp_path):
-    import psutil
     from mlflow.tracking import MlflowClient
 
     cmd = [sys.executable, str(ROOT / "jobs" / "sweep.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
@@ -91,11 +90,7 @@ def test_sweep_interrupted_resumes_and_records_everything(tmp_path):
             finished = sum(r.info.status == "FINISHED" for r in _children(client, exp.experiment_id,
                                                                            parents[0].info.run_id))
             if finished:
-                for pid in [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                kill_tree(proc.pid)
                 break
     proc.wait()
     reader.join(timeout=10)
