@@ -46,6 +46,9 @@ def test_job_logs_to_mlflow(tiny_run):
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in history] == [2, 4, 6]
     assert all(m.value == m.value and m.value > 0 for m in history)
+    pair = client.get_metric_history(run.info.run_id, "train/pair_loss")  # the negation-pair loss is on by default
+    assert [m.step for m in pair] == [2, 4, 6] and all(0 < m.value < 10 for m in pair)
+    assert 0 < run.data.metrics["train/pair_coverage"] <= 1
     for key in ("eval/t2v/recall_at_1", "eval/t2v/recall_at_5", "eval/t2v/recall_at_10", "eval/zeroshot/mean/auroc",
                 "eval/zeroshot/per_label/Cardiomegaly/auroc", "train/samples_per_s"):
         assert key in run.data.metrics, key
@@ -108,7 +111,7 @@ def test_swca_with_grad_cache_through_the_job(tmp_path):
     from mlflow.tracking import MlflowClient
 
     p = run_job(f"workspace={tmp_path}", "run_name=gc", "loss.kind=swca", "loss.alpha=0.5",
-                "train.grad_cache_micro_batch=2", "train.steps=2", "train.checkpoint_every=2", "train.log_every=1",
+                "train.grad_cache_micro_batch=2", "loss.negation_pairs=0", "train.steps=2", "train.checkpoint_every=2", "train.log_every=1",
                 "eval.at_end=false")
     assert p.returncode == 0
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

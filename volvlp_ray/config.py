@@ -124,6 +124,11 @@ class LossConfig:
     spatial_sigma_mm: float = 50.0
     ring: bool = False
     """Sigmoid losses: bidirectional neighbour exchange instead of all-gather."""
+    negation_pairs: int = 1
+    """Negation-pair loss: (true, negated) finding statements mined from each sample's text and scored against
+    its volume (``volvlp_ray.losses.negation_pair_loss``); pairs per sample, 0 = off."""
+    pair_weight: float = 1.0
+    """Weight of the negation-pair loss, added to the contrastive loss."""
 
 
 @dataclass
@@ -323,6 +328,12 @@ def validate(cfg: Config) -> None:
     if cfg.model.proj_norm and (cfg.train.batch_size < 2 or cfg.train.grad_cache_micro_batch == 1):
         raise ConfigError("model.proj_norm batch-normalises features: train.batch_size (and "
                           "train.grad_cache_micro_batch, if used) must be >= 2")
+    if cfg.loss.negation_pairs < 0 or cfg.loss.pair_weight < 0:
+        raise ConfigError(f"loss.negation_pairs and loss.pair_weight must be >= 0, got {cfg.loss.negation_pairs} "
+                          f"and {cfg.loss.pair_weight}")
+    if cfg.loss.negation_pairs and cfg.train.grad_cache_micro_batch:
+        raise ConfigError("the negation-pair loss is not available with gradient caching: set loss.negation_pairs=0 "
+                          "together with train.grad_cache_micro_batch")
     if cfg.scaling.num_workers < 1:
         raise ConfigError(f"scaling.num_workers must be >= 1, got {cfg.scaling.num_workers}")
     if cfg.data.num_volumes < 1 or cfg.data.num_val_volumes < 1:

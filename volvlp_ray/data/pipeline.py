@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from volvlp_ray.config import Config
+from volvlp_ray.data.negation import polarity_vector
 from volvlp_ray.data.organs import chunk_text
 from volvlp_ray.data.shards import DecodeError, decode_sample, intact_shards
 from volvlp_ray.data.transforms import normalise
@@ -104,6 +105,8 @@ class _ToRow:
             "study_id": study_id(s["key"]),
             "z_center_mm": np.float32(z0_mm + (start + n / 2 - 0.5) * sz),
             "text_truncated": bool(truncated),
+            # what the trained-on text affirms / negates, per label (for the negation-pair loss)
+            "findings": polarity_vector(text),
         }]
 
 
@@ -198,7 +201,8 @@ def collate(batch: dict[str, np.ndarray], patch_z: int, hu_window: tuple[float, 
 
     Returns ``volume`` (B, 1, D, H, W) float32 in [-1, 1] with D the largest depth rounded up to a multiple of
     ``patch_z`` (padding with air, -1), ``depths`` (B,), ``input_ids``/``attention_mask`` (B, T) int64,
-    ``labels`` (B, L), ``study_id`` (B,), ``z_center_mm`` (B,), ``text_truncated`` (B,) bool.
+    ``labels`` (B, L), ``study_id`` (B,), ``z_center_mm`` (B,), ``text_truncated`` (B,) bool, and when the
+    rows have them ``findings`` (B, L) int8 (-1 not mentioned, 0 negated, 1 affirmed by the text).
     """
     vols = list(batch["volume"])
     depths = np.asarray([v.shape[0] for v in vols], dtype=np.int64)
@@ -207,7 +211,11 @@ def collate(batch: dict[str, np.ndarray], patch_z: int, hu_window: tuple[float, 
     out = np.full((len(vols), 1, d_max, h, w), -1.0, dtype=np.float32)
     for i, v in enumerate(vols):
         out[i, 0, : v.shape[0]] = normalise(v, hu_window)
+    extra = {}
+    if "findings" in batch:
+        extra["findings"] = torch.as_tensor(np.stack(list(batch["findings"])), dtype=torch.int8)
     return {
+        **extra,
         "volume": torch.from_numpy(out),
         "depths": torch.from_numpy(depths),
         "input_ids": torch.as_tensor(np.stack(list(batch["input_ids"])), dtype=torch.long),

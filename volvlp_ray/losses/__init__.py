@@ -20,6 +20,9 @@ Conventions are open_clip's: gathers carry gradients (each rank's feature gradie
 all ranks' losses, so after data-parallel gradient averaging the step is that of the global loss); the
 mean of the per-rank losses equals the single-process loss over the global batch.
 
+``negation_pair_loss`` (per worker, added to the global loss with ``loss.pair_weight``) trains the
+zero-shot score: each volume against a true statement from its report and that statement negated.
+
 ``GradCache`` runs a full-batch step in micro-batches (embedding-gradient caching).
 """
 
@@ -33,6 +36,7 @@ from .affinity import CT_RATE_ABNORMALITIES, META_KEYS, concepts_from_reports, s
 from .clip import ClipLoss
 from .gather import all_gather_with_grad, neighbour_exchange, world_info
 from .gradcache import GradCache
+from .pairs import negation_pair_loss
 from .sigmoid import SigmoidLoss
 from .swca import SWCALoss
 
@@ -45,6 +49,7 @@ __all__ = [
     "META_KEYS",
     "CT_RATE_ABNORMALITIES",
     "build_loss",
+    "negation_pair_loss",
     "concepts_from_reports",
     "soft_targets",
     "all_gather_with_grad",

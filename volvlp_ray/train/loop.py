@@ -1,7 +1,8 @@
 """``train_loop_per_worker``: the whole training loop, one function, run by every Ray Train worker.
 
 Per step: a padded batch from this worker's streaming split -> dual encoder (DeepSpeed engine) -> global
-loss (the loss gathers features from all workers) -> backward/step. Rank 0 logs step metrics to MLflow.
+loss (the loss gathers features from all workers), plus ``loss.pair_weight`` times the local negation-pair loss
+(true vs negated statements from each sample's text, see ``volvlp_ray.data.negation``) -> backward/step. Rank 0 logs step metrics to MLflow.
 Every ``train.checkpoint_every`` steps and at the end, every rank saves its DeepSpeed shard, RNG states and
 data position, and all report the checkpoint through ``ray.train.report``; the final checkpoint also holds
 the consolidated export (``export/``, loadable with ``VLP.from_pretrained``).
@@ -85,6 +86,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         compile_blocks(model)
     loss_fn = build_loss_from_config(cfg)
+    pairs = None
+    if cfg.loss.negation_pairs:
+        from volvlp_ray.data.negation import StatementBank
+        from volvlp_ray.losses import negation_pair_loss
+
+        pairs = StatementBank(tokenizer)
 
     micro = cfg.train.grad_cache_micro_batch
     n_micro = 1
@@ -148,6 +155,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
 
     t_last, samples_since, wait_time, truncated = time.perf_counter(), 0, 0.0, 0
+    pair_loss_sum, pair_valid_sum, steps_since = 0.0, 0.0, 0
     done = step >= cfg.train.steps
     if done:
         # a finished run started again (a driver rerun, a resumed sweep trial): nothing to train; report the
@@ -179,9 +187,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             b["volume"] = b["volume"].to(dtype)
             meta = {k: b[k] for k in loss_fn.meta_keys}
             if grad_cache is None:
-                out = engine(b["volume"], b["depths"], b["input_ids"], b["attention_mask"])
+                pair_inputs = {}
+                if pairs is not None:
+                    # drawn from (seed, rank, step): a resumed run draws the same statements at the same step
+                    drawn = pairs.sample(np.stack(list(np_batch["findings"])), cfg.loss.negation_pairs,
+                                         np.random.default_rng([cfg.seed, rank, step, 11]))
+                    pair_inputs = {k: torch.from_numpy(v).to(device) for k, v in drawn.items()}
+                out = engine(b["volume"], b["depths"], b["input_ids"], b["attention_mask"],
+                             *((pair_inputs["pair_ids"], pair_inputs["pair_mask"]) if pair_inputs else ()))
                 loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"],
                                **meta)
+                if pair_inputs:
+                    pair_loss = negation_pair_loss(out["image_features"], out["pair_features"],
+                                                   pair_inputs["pair_valid"], out["logit_scale"])
+                    pair_loss_sum += pair_loss.detach()  # a tensor: no device sync per step
+                    pair_valid_sum += float(drawn["pair_valid"].mean())
+                    loss = loss + cfg.loss.pair_weight * pair_loss
                 engine.backward(loss)
                 engine.step()
                 loss = loss.detach()
@@ -193,6 +214,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     m.logit_scale.exp().squeeze(0), m.logit_bias.squeeze(0), **meta,
                 )
             step += 1
+            steps_since += 1
             samples_since += b["volume"].shape[0] * world
             truncated += int(b["text_truncated"].sum())
 
@@ -213,12 +235,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "train/text_truncated_fraction": truncated * world / max(samples_since, 1),
                     "train/epoch": float(epoch),
                 }
+                if pairs is not None and grad_cache is None:
+                    # rank 0's mean over the steps since the last log (the loss above includes it, weighted)
+                    metrics["train/pair_loss"] = float(pair_loss_sum) / max(steps_since, 1)
+                    metrics["train/pair_coverage"] = pair_valid_sum / max(steps_since, 1)
                 if logger:
                     logger.log(metrics, step)
                     print(f"[train] step {step}/{cfg.train.steps} loss {metrics['train/loss']:.4f} "
                           f"lr {metrics['train/lr']:.2e} scale {metrics['train/logit_scale']:.1f} "
                           f"{metrics['train/samples_per_s']:.1f} samples/s", flush=True)
                 t_last, samples_since, wait_time, truncated = now, 0, 0.0, 0
+                pair_loss_sum, pair_valid_sum, steps_since = 0.0, 0.0, 0
 
             final = step >= cfg.train.steps
             val: dict[str, float] = {}
