@@ -35,6 +35,7 @@ def test_data_benchmark_measures_all_three_paths_and_the_padding(ray_session, tm
     expected = 1 - sum(real) / (len(real) * max(real))
     assert len(set(depths)) > 1 and expected > 0
     assert math.isclose(loader["vision_padding_fraction"], expected)
+    assert math.isclose(loader["vision_padding_fraction_unbucketed"], expected)  # one batch either way
     assert loader["depth_slices"] == {"min": min(depths), "median": float(sorted(depths)[3] + sorted(depths)[4]) / 2,
                                       "max": max(depths)}
     assert 0 < loader["text_padding_fraction"] < 1

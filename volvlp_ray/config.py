@@ -69,6 +69,9 @@ class DataConfig:
     """Tokens per text (longer texts are truncated; the loop logs the truncated fraction)."""
     shuffle_buffer: int = 64
     """Local shuffle buffer (rows) of the training stream."""
+    bucket_pool: int = 4
+    """Depth bucketing: the training stream is read in pools of this many batches, each pool sorted by depth and
+    cut into batches (yielded in seeded random order), so a batch pads to a near-equal depth; 1 = off."""
     deterministic: bool = True
     """Reproducible training stream (Ray Data ``preserve_order``): two runs with one seed see the same batches,
     and a resumed run replays the interrupted epoch in its original order. False: order follows scheduling."""
@@ -344,6 +347,8 @@ def validate(cfg: Config) -> None:
 # building from dicts
 
 
+    if cfg.data.bucket_pool < 1:
+        raise ConfigError(f"data.bucket_pool must be >= 1 (1 = no bucketing), got {cfg.data.bucket_pool}")
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):

@@ -9,10 +9,11 @@ On shards made from ``--volumes`` synthetic volumes (made with the same code as 
 (b) ``nifti_baseline``: what CT-CLIP-style loaders do per sample in ``__getitem__``: load the NIfTI volume,
     rescale, reorient, resample, window, crop/pad (``preprocess_volume``), one process, volumes/s;
 (c) ``loader``: ``build_dataset`` (ray.data.read_webdataset -> decode -> chunk + text -> tokenise) ->
-    ``iter_batches`` -> ``collate``, two full passes over the training split (the second is ``loader``, the
-    first, with Ray Data's start-up in it, ``loader_first_pass``), volumes/s and MB/s of shard bytes;
-    plus the fraction of padded tokens in collated batches: vision tokens (depth padded to the longest volume
-    of the batch) and text tokens (padded to ``data.max_text_length``).
+    ``iter_batches`` -> depth bucketing (``data.bucket_pool``) -> ``collate``, two full passes over the training
+    split (the second is ``loader``, the first, with Ray Data's start-up in it, ``loader_first_pass``),
+    volumes/s and MB/s of shard bytes; plus the fraction of padded tokens in collated batches: vision tokens
+    (depth padded to the deepest volume of the batch; also without bucketing, for comparison) and text tokens
+    (padded to ``data.max_text_length``).
 
 ``ratios`` compares them with issue #3's targets: loader >= 60 % of (a) in MB/s, >= 10x (b) in volumes/s,
 vision padding <= 10 %.
@@ -75,19 +76,33 @@ def _nifti_baseline(source: str, cfg, limit: int) -> dict[str, Any]:
 
 
 def _loader(cfg, tokenizer_dir: str, batch_size: int, shard_bytes: int) -> dict[str, Any]:
+    from volvlp_ray.data.bucketing import bucket_by_depth
     from volvlp_ray.data.pipeline import build_dataset, collate
 
     pz = cfg.model.patch[0]
+    pool = cfg.data.bucket_pool
     ds = build_dataset(cfg, "train", tokenizer_dir, training=True)
     n = batches = 0
     z_tokens = z_padded = text_tokens = text_padded = 0
+    plain_tokens = plain_padded = 0
     depths_seen: list[int] = []
     t0 = time.perf_counter()
     first = None
-    for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False):
+
+    def pools():
+        nonlocal plain_tokens, plain_padded
+        for p in ds.iter_batches(batch_size=batch_size * pool, batch_format="numpy", drop_last=False):
+            # padding of the batches the stream gives without bucketing (consecutive rows), for comparison
+            zt = -(-np.asarray(p["depth"]) // pz)
+            for i in range(0, len(zt) - batch_size + 1, batch_size):
+                plain_tokens += batch_size * int(zt[i:i + batch_size].max())
+                plain_padded += batch_size * int(zt[i:i + batch_size].max()) - int(zt[i:i + batch_size].sum())
+            yield p
+
+    for batch in bucket_by_depth(pools(), batch_size, np.random.default_rng(cfg.seed)):
         if first is None:
             first = time.perf_counter() - t0
-        t = collate(batch, patch_z=pz, hu_window=tuple(cfg.data.hu_window))
+        t = collate(batch, patch_z=pz, hu_window=tuple(cfg.data.hu_window), hu=True)  # as the training loop
         b, d_max = t["volume"].shape[0], t["volume"].shape[2]
         real = (-(-t["depths"] // pz)).sum().item()  # z patches holding data
         z_tokens += b * d_max // pz
@@ -104,6 +119,8 @@ def _loader(cfg, tokenizer_dir: str, batch_size: int, shard_bytes: int) -> dict[
         "first_batch_s": first, "volumes_per_s": n / dt, "shard_mb_per_s": shard_bytes / 1e6 / dt,
         # in-plane patches per slice are the same for every volume, so z patches count vision tokens
         "vision_padding_fraction": z_padded / max(1, z_tokens),
+        "bucket_pool": pool,
+        "vision_padding_fraction_unbucketed": plain_padded / max(1, plain_tokens),
         "text_padding_fraction": text_padded / max(1, text_tokens),
         "depth_slices": {"min": int(min(depths_seen)), "median": float(np.median(depths_seen)),
                          "max": int(max(depths_seen))},
@@ -138,8 +155,9 @@ def run(out: str | None = None, volumes: int = 200, val_volumes: int = 8, worksp
         raw = _raw_read(files)
         baseline = _nifti_baseline(source, cfg, baseline_volumes)
         passes = [_loader(cfg, tokenizer_dir, batch_size, raw["bytes"]) for _ in range(2)]
+        expected = manifest["num_samples"] // batch_size * batch_size  # bucketing keeps whole batches
         for p in passes:
-            assert p["volumes"] == manifest["num_samples"], (p["volumes"], manifest["num_samples"])
+            assert p["volumes"] == expected, (p["volumes"], expected)
         loader = passes[1]  # the second pass: Ray Data's workers and the tokenizer are up, as in a training run
         ratios = {
             "loader_vs_raw_mbps": loader["shard_mb_per_s"] / raw["mb_per_s"],

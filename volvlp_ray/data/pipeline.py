@@ -4,8 +4,9 @@
     for batch in ds.iter_batches(batch_size=16, batch_format="numpy"):
         tensors = collate(batch, patch_z=4, hu_window=(-1000, 1000))
 
-Rows keep volumes as int16 (half the object-store traffic of float32); ``collate`` normalises to [-1, 1],
-pads depth at the end to a common multiple of the z patch (with air) and returns ``depths`` for masking.
+Rows keep volumes as int16 (half the object-store traffic of float32); ``collate`` pads depth at the end to a
+common multiple of the z patch (with air) and returns ``depths`` for masking, and normalises to [-1, 1] (or, with
+``hu=True``, as the training loop uses it, leaves int16 HU for ``normalise_tensor`` on the device).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from volvlp_ray.data.shards import DecodeError, decode_sample, intact_shards
 from volvlp_ray.data.transforms import normalise
 
 __all__ = [
-    "TrainDatasetFactory", "build_dataset", "collate", "latest_progress", "read_corpus", "shard_files", "study_id",
+    "TrainDatasetFactory", "build_dataset", "collate", "latest_progress", "normalise_tensor", "read_corpus",
+    "shard_files", "study_id",
 ]
 
 log = logging.getLogger(__name__)
@@ -93,14 +95,20 @@ class _ToRow:
             n, start = depth, 0
             text = s["report"]
         tokenizer = _tokenizer(self.tokenizer_dir)
-        tok = tokenizer(text, max_length=self.max_len, truncation=True, padding="max_length")
-        truncated = len(tokenizer(text)["input_ids"]) > self.max_len
+        # one pass: a fast tokenizer returns the overflow as extra rows (a slow one as "overflowing_tokens")
+        tok = tokenizer(text, max_length=self.max_len, truncation=True, padding="max_length",
+                        return_overflowing_tokens=True)
+        ids, mask = tok["input_ids"], tok["attention_mask"]
+        if ids and isinstance(ids[0], list):
+            truncated, ids, mask = len(ids) > 1, ids[0], mask[0]
+        else:
+            truncated = bool(tok.get("overflowing_tokens"))
         return [{
             "key": s["key"],
             "volume": np.ascontiguousarray(vol),
             "depth": int(n),
-            "input_ids": np.asarray(tok["input_ids"], dtype=np.int32),
-            "attention_mask": np.asarray(tok["attention_mask"], dtype=np.int8),
+            "input_ids": np.asarray(ids, dtype=np.int32),
+            "attention_mask": np.asarray(mask, dtype=np.int8),
             "labels": np.asarray(meta["labels"], dtype=np.float32),
             "study_id": study_id(s["key"]),
             "z_center_mm": np.float32(z0_mm + (start + n / 2 - 0.5) * sz),
@@ -196,11 +204,20 @@ def read_corpus(cfg: Config, split: str = "train") -> list[str]:
     return [r["report.txt"].decode("utf-8", errors="replace") for r in ds.iter_rows()]
 
 
-def collate(batch: dict[str, np.ndarray], patch_z: int, hu_window: tuple[float, float]) -> dict[str, torch.Tensor]:
+def normalise_tensor(volume: torch.Tensor, hu_window: tuple[float, float], dtype: torch.dtype = torch.float32):
+    """int16 HU tensor -> ``dtype`` in [-1, 1] over the window; the same arithmetic as ``transforms.normalise``
+    (the training loop runs it on the device, so the host and the link move int16, half the bytes)."""
+    lo, hi = hu_window
+    return ((volume.to(torch.float32) - (lo + hi) / 2) / ((hi - lo) / 2)).clamp_(-1.0, 1.0).to(dtype)
+
+
+def collate(batch: dict[str, np.ndarray], patch_z: int, hu_window: tuple[float, float],
+            hu: bool = False) -> dict[str, torch.Tensor]:
     """Numpy batch of rows -> tensors.
 
     Returns ``volume`` (B, 1, D, H, W) float32 in [-1, 1] with D the largest depth rounded up to a multiple of
-    ``patch_z`` (padding with air, -1), ``depths`` (B,), ``input_ids``/``attention_mask`` (B, T) int64,
+    ``patch_z`` (padding with air, -1); with ``hu=True`` int16 HU instead, padded with the window's low end
+    (``normalise_tensor`` then gives what ``hu=False`` gives). Also ``depths`` (B,), ``input_ids``/``attention_mask`` (B, T) int64,
     ``labels`` (B, L), ``study_id`` (B,), ``z_center_mm`` (B,), ``text_truncated`` (B,) bool, and when the
     rows have them ``findings`` (B, L) int8 (-1 not mentioned, 0 negated, 1 affirmed by the text).
     """
@@ -208,9 +225,15 @@ def collate(batch: dict[str, np.ndarray], patch_z: int, hu_window: tuple[float, 
     depths = np.asarray([v.shape[0] for v in vols], dtype=np.int64)
     d_max = int(-(-depths.max() // patch_z) * patch_z)
     h, w = vols[0].shape[1:]
-    out = np.full((len(vols), 1, d_max, h, w), -1.0, dtype=np.float32)
-    for i, v in enumerate(vols):
-        out[i, 0, : v.shape[0]] = normalise(v, hu_window)
+    if hu:
+        out = np.full((len(vols), 1, d_max, h, w), int(np.clip(np.floor(hu_window[0]), -32768, 32767)),
+                      dtype=np.int16)
+        for i, v in enumerate(vols):
+            out[i, 0, : v.shape[0]] = v
+    else:
+        out = np.full((len(vols), 1, d_max, h, w), -1.0, dtype=np.float32)
+        for i, v in enumerate(vols):
+            out[i, 0, : v.shape[0]] = normalise(v, hu_window)
     extra = {}
     if "findings" in batch:
         extra["findings"] = torch.as_tensor(np.stack(list(batch["findings"])), dtype=torch.int8)

@@ -64,7 +64,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     from transformers import AutoTokenizer
 
-    from volvlp_ray.data.pipeline import collate
+    from volvlp_ray.data.bucketing import bucket_by_depth
+    from volvlp_ray.data.pipeline import collate, normalise_tensor
     from volvlp_ray.models import build_model
     from volvlp_ray.tracking import MetricLogger
     from volvlp_ray.train.checkpoint import load_worker_state, use_safe_loading
@@ -168,11 +169,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if done:
             break
         t_wait = time.perf_counter()
+        pool = cfg.data.bucket_pool
         batches = shard.iter_batches(
-            batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True,
+            batch_size=cfg.train.batch_size * pool, batch_format="numpy", drop_last=pool == 1,
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-            local_shuffle_seed=cfg.seed + epoch + 1000 * rank, prefetch_batches=2,
+            local_shuffle_seed=cfg.seed + epoch + 1000 * rank, prefetch_batches=2 if pool == 1 else 1,
         )
+        if pool > 1:  # depth bucketing (see volvlp_ray.data.bucketing); as many batches as drop_last gives
+            batches = bucket_by_depth(batches, cfg.train.batch_size, np.random.default_rng([cfg.seed, epoch, rank, 5]))
         batch_in_epoch = 0
         for np_batch in batches:
             batch_in_epoch += 1
@@ -183,8 +187,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 t_wait = time.perf_counter()
                 continue
             wait_time += time.perf_counter() - t_wait
-            b = {k: v.to(device, non_blocking=True) for k, v in collate(np_batch, patch_z, hu_window).items()}
-            b["volume"] = b["volume"].to(dtype)
+            b = {k: v.to(device, non_blocking=True) for k, v in collate(np_batch, patch_z, hu_window, hu=True).items()}
+            b["volume"] = normalise_tensor(b["volume"], hu_window, dtype)  # int16 HU -> [-1, 1], on the device
             meta = {k: b[k] for k in loss_fn.meta_keys}
             if grad_cache is None:
                 pair_inputs = {}
@@ -241,7 +245,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     metrics["train/pair_coverage"] = pair_valid_sum / max(steps_since, 1)
                 if logger:
                     logger.log(metrics, step)
-                    print(f"[train] step {step}/{cfg.train.steps} loss {metrics['train/loss']:.4f} "
+                    pair_txt = f" (pair {metrics['train/pair_loss']:.3f})" if "train/pair_loss" in metrics else ""
+                    print(f"[train] step {step}/{cfg.train.steps} loss {metrics['train/loss']:.4f}{pair_txt} "
                           f"lr {metrics['train/lr']:.2e} scale {metrics['train/logit_scale']:.1f} "
                           f"{metrics['train/samples_per_s']:.1f} samples/s", flush=True)
                 t_last, samples_since, wait_time, truncated = now, 0, 0.0, 0
