@@ -59,7 +59,8 @@ class DataConfig:
     shard_max_bytes: int = 4 * 2**20
     """Target size of one WebDataset tar."""
     shards_dir: str | None = None
-    """Where shards live; default ``{workspace}/shards``. Any pyarrow filesystem URI works."""
+    """Where shards live; default ``{workspace}/shards``. ``jobs/prepare_data.py --out`` takes any pyarrow
+    filesystem URI; training reads shards from a local or mounted (shared) filesystem."""
     text_mode: str = "report"
     """"report": a sample is the whole volume with its whole report; "organ": a random z-chunk with the findings
     of the organs it covers plus a general sentence (SigVLP)."""
@@ -77,6 +78,17 @@ class DataConfig:
     and a resumed run replays the interrupted epoch in its original order. False: order follows scheduling."""
     prepare_parallelism: int = 0
     """Ray Data tasks for conversion; 0 = one per CPU."""
+    organ_extents: str = "auto"
+    """Where organ z-extents (organ-wise text) come from: "segmentation" (TotalSegmentator output under
+    ``{source}/segmentations/``), "csv" (``metadata/{split}_organ_extents.csv``), "none", or "auto" (per volume:
+    its segmentation if it has one, else its CSV rows, else none)."""
+    segmentation_labels: str = ""
+    """Label table of multi-label segmentation files: "" = TotalSegmentator v2 "total" ids, else a JSON file
+    (path or URI) ``{"label id": "structure name"}``."""
+    organ_findings: str = "auto"
+    """Organ-wise findings: "auto" (``metadata/{split}_organ_findings.json`` when present, else the keyword split
+    of Findings_EN), "keywords" (always the keyword split), or a JSON file (path or URI)
+    ``{VolumeName: {organ: text}}``; volumes without an entry keep the keyword split."""
 
 
 @dataclass
@@ -303,6 +315,7 @@ _CHOICES = {
     ("train", "optimizer"): ("adamw", "muon"),
     ("train", "zero_stage"): (0, 1, 2, 3),
     ("data", "text_mode"): ("report", "organ"),
+    ("data", "organ_extents"): ("auto", "csv", "segmentation", "none"),
 }
 
 
@@ -331,6 +344,8 @@ def validate(cfg: Config) -> None:
     if cfg.model.proj_norm and (cfg.train.batch_size < 2 or cfg.train.grad_cache_micro_batch == 1):
         raise ConfigError("model.proj_norm batch-normalises features: train.batch_size (and "
                           "train.grad_cache_micro_batch, if used) must be >= 2")
+    if cfg.data.bucket_pool < 1:
+        raise ConfigError(f"data.bucket_pool must be >= 1 (1 = no bucketing), got {cfg.data.bucket_pool}")
     if cfg.loss.negation_pairs < 0 or cfg.loss.pair_weight < 0:
         raise ConfigError(f"loss.negation_pairs and loss.pair_weight must be >= 0, got {cfg.loss.negation_pairs} "
                           f"and {cfg.loss.pair_weight}")
@@ -347,8 +362,6 @@ def validate(cfg: Config) -> None:
 # building from dicts
 
 
-    if cfg.data.bucket_pool < 1:
-        raise ConfigError(f"data.bucket_pool must be >= 1 (1 = no bucketing), got {cfg.data.bucket_pool}")
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):

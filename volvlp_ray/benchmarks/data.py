@@ -15,6 +15,9 @@ On shards made from ``--volumes`` synthetic volumes (made with the same code as 
     (depth padded to the deepest volume of the batch; also without bucketing, for comparison) and text tokens
     (padded to ``data.max_text_length``).
 
+``loader_stages`` times the loader's first stages alone on the same shards (``read``: Ray Data's tar reading;
+``rows``: + decode, chunk + text, tokenise), to show where the time goes.
+
 ``ratios`` compares them with issue #3's targets: loader >= 60 % of (a) in MB/s, >= 10x (b) in volumes/s,
 vision padding <= 10 %.
 
@@ -73,6 +76,25 @@ def _nifti_baseline(source: str, cfg, limit: int) -> dict[str, Any]:
     dt = time.perf_counter() - t0
     return {"volumes": len(records), "seconds": dt, "volumes_per_s": len(records) / dt,
             "nifti_mb_per_s": in_bytes / 1e6 / dt, "output_mb_per_s": out_bytes / 1e6 / dt, "processes": 1}
+
+
+def _stages(cfg, tokenizer_dir: str, shard_bytes: int) -> dict[str, Any]:
+    """Where the loader's time goes: the same shards through the first stages only, MB/s of shard bytes each:
+    ``read`` (``read_webdataset``, raw tar members) and ``rows`` (+ decode, chunk + text, tokenise)."""
+    import ray.data
+
+    from volvlp_ray.data.pipeline import build_dataset, shard_files
+
+    out = {}
+    for name, ds in (("read", ray.data.read_webdataset(shard_files(cfg, "train"), decoder=None)),
+                     ("rows", build_dataset(cfg, "train", tokenizer_dir, training=True))):
+        for attempt in range(2):  # the second pass is timed (workers up)
+            n, t0 = 0, time.perf_counter()
+            for batch in ds.iter_batches(batch_size=64, batch_format="numpy"):
+                n += len(next(iter(batch.values())))
+            dt = time.perf_counter() - t0
+        out[name] = {"rows": n, "seconds": dt, "shard_mb_per_s": shard_bytes / 1e6 / dt}
+    return out
 
 
 def _loader(cfg, tokenizer_dir: str, batch_size: int, shard_bytes: int) -> dict[str, Any]:
@@ -159,6 +181,7 @@ def run(out: str | None = None, volumes: int = 200, val_volumes: int = 8, worksp
         for p in passes:
             assert p["volumes"] == expected, (p["volumes"], expected)
         loader = passes[1]  # the second pass: Ray Data's workers and the tokenizer are up, as in a training run
+        stages = _stages(cfg, tokenizer_dir, raw["bytes"])
         ratios = {
             "loader_vs_raw_mbps": loader["shard_mb_per_s"] / raw["mb_per_s"],
             "loader_vs_cold_raw_mbps": loader["shard_mb_per_s"] / raw["cold_mb_per_s"],
@@ -177,6 +200,7 @@ def run(out: str | None = None, volumes: int = 200, val_volumes: int = 8, worksp
             "nifti_baseline": baseline,
             "loader": loader,
             "loader_first_pass": passes[0],
+            "loader_stages": stages,
             "ratios": ratios,
             "targets": TARGETS,
             "meets_target": {

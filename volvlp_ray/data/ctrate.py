@@ -6,13 +6,20 @@
                                                                    XYSpacing ("[0.75, 0.75]"), ZSpacing
     {root}/multi_abnormality_labels/{train,valid}_predicted_labels.csv   VolumeName + the 18 labels
     {root}/metadata/{split}_organ_extents.csv  (optional)          VolumeName, organ, z_start_mm, z_end_mm
+    {root}/metadata/{split}_organ_findings.json (optional)         {VolumeName: {organ: findings text}}
+    {root}/segmentations/{VolumeName}  or  {root}/segmentations/{VolumeName minus .nii.gz}/{structure}.nii.gz
+                                       (optional)                  TotalSegmentator output (see segmentation.py)
 
 Split names follow CT-RATE: ``train`` and ``valid`` (the CSVs say "validation" for reports/metadata).
+``root`` is a local folder or any pyarrow filesystem URI (``s3://bucket/ct-rate?region=...``, see storage.py);
+volume paths in the records are then URIs of the same form.
 """
 
 from __future__ import annotations
 
 import ast
+import io
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -20,13 +27,22 @@ from pathlib import Path
 
 import pandas as pd
 
+from volvlp_ray.data import storage
+from volvlp_ray.data.organs import ORGAN_KEYWORDS
+
 __all__ = [
     "LABELS",
+    "ORGAN_EXTENT_SOURCES",
+    "ORGAN_NAMES",
     "SPLITS",
     "VolumeRecord",
     "csv_paths",
+    "find_segmentations",
     "find_volumes",
+    "layout_locations",
+    "layout_problem",
     "parse_xy_spacing",
+    "read_organ_findings",
     "read_split",
     "volume_relpath",
 ]
@@ -55,6 +71,9 @@ LABELS: tuple[str, ...] = (
 )
 
 SPLITS = ("train", "valid")
+ORGAN_EXTENT_SOURCES = ("auto", "csv", "segmentation", "none")
+ORGAN_NAMES: tuple[str, ...] = (*ORGAN_KEYWORDS, "general")
+"""Organ keys of organ-wise findings: the keyword groups of ``organs.py`` and "general"."""
 
 
 def csv_paths(root: str | Path, split: str) -> dict[str, Path]:
@@ -68,6 +87,39 @@ def csv_paths(root: str | Path, split: str) -> dict[str, Path]:
         "labels": root / "multi_abnormality_labels" / f"{split}_predicted_labels.csv",
         "organs": root / "metadata" / f"{split}_organ_extents.csv",
     }
+
+
+def layout_locations(root: str, split: str) -> dict[str, str]:
+    """``csv_paths`` for a local folder or a URI (``storage.child`` keeps the URI's query)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    long = "train" if split == "train" else "validation"
+    return {
+        "reports": storage.child(root, "radiology_text_reports", f"{long}_reports.csv"),
+        "metadata": storage.child(root, "metadata", f"{long}_metadata.csv"),
+        "labels": storage.child(root, "multi_abnormality_labels", f"{split}_predicted_labels.csv"),
+        "organs": storage.child(root, "metadata", f"{split}_organ_extents.csv"),
+        "organ_findings": storage.child(root, "metadata", f"{split}_organ_findings.json"),
+        "segmentations": storage.child(root, "segmentations"),
+    }
+
+
+def layout_problem(source: str) -> str | None:
+    """Why ``source`` (a folder or URI) is not usable as a CT-RATE-layout folder, or None."""
+    shown = storage.redact(source)
+    try:
+        if not storage.is_dir(source):
+            return f"source folder {shown!r} does not exist"
+        for split in SPLITS:
+            for kind in ("reports", "metadata", "labels"):
+                if not storage.is_file(layout_locations(source, split)[kind]):
+                    missing = storage.redact(layout_locations(source, split)[kind])
+                    return f"{shown} is not in the CT-RATE layout: missing {missing}"
+            if not find_volumes(source, split):
+                return f"{shown} is not in the CT-RATE layout: no {split}/**/*.nii.gz volumes"
+    except (OSError, ValueError) as exc:  # an unreachable store, refused credentials, a URI pyarrow does not know
+        return f"cannot read source {shown!r}: {type(exc).__name__}: {exc}"
+    return None
 
 
 def volume_relpath(volume_name: str) -> str:
@@ -105,33 +157,102 @@ class VolumeRecord:
     z_spacing: float
     labels: list[int]
     organs: dict[str, list[float]] = field(default_factory=dict)
+    """Organ z-extents from the CSV (RAS mm); empty when the CSV is absent or not used."""
+    segmentation: str = ""
+    """Location of the volume's segmentation ("" when none is used)."""
+    segmentation_kind: str = ""
+    """"file" (multi-label NIfTI) or "folder" (one binary mask per structure)."""
+    organ_findings: dict[str, str] | None = None
+    """Organ-wise findings from the JSON file; None: split ``findings`` by keywords."""
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def find_volumes(root: str | Path, split: str) -> dict[str, Path]:
-    root = Path(root) / split
-    return {p.name: p for p in sorted(root.rglob("*.nii.gz"))}
+def find_volumes(root: str | Path, split: str) -> dict[str, str]:
+    """``{VolumeName: path or URI}`` of every ``*.nii.gz`` under ``{root}/{split}``."""
+    if not storage.is_uri(root):
+        base = Path(root) / split
+        return {p.name: str(p) for p in sorted(base.rglob("*.nii.gz"))}
+    base = storage.child(root, split)
+    return {rel.rsplit("/", 1)[-1]: storage.child(base, *rel.split("/")) for rel in storage.list_files(base, ".nii.gz")}
 
 
-def read_split(root: str | Path, split: str) -> tuple[list[VolumeRecord], dict[str, list[str]]]:
+def find_segmentations(root: str | Path, names: list[str]) -> dict[str, tuple[str, str]]:
+    """``{VolumeName: (location, "file" | "folder")}`` for the volumes that have a segmentation under
+    ``{root}/segmentations`` (a multi-label file named like the volume, else a folder named like its stem)."""
+    seg_root = storage.child(str(root), "segmentations")
+    entries = storage.list_dir(seg_root)
+    found = {}
+    for name in names:
+        stem = name.removesuffix(".nii.gz")
+        if entries.get(name) == "file":
+            found[name] = (storage.child(seg_root, name), "file")
+        elif entries.get(stem) == "dir":
+            found[name] = (storage.child(seg_root, stem), "folder")
+    return found
+
+
+def _csv_source(location: str):
+    """What ``pd.read_csv`` reads: the local path itself, or a URI's bytes."""
+    return location if not storage.is_uri(location) else io.BytesIO(storage.read_bytes(location))
+
+
+def read_organ_findings(location: str) -> dict[str, dict[str, str]]:
+    """``{VolumeName: {organ: text}}`` from a JSON file, checked: unknown organ names are an error naming the
+    valid ones. Keys may omit ``.nii.gz``; empty texts are dropped."""
+    shown = storage.redact(location)
+    try:
+        raw = json.loads(storage.read_bytes(location).decode("utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"organ findings file {shown} does not exist") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"organ findings file {shown} is not valid UTF-8 JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"organ findings file {shown} must hold an object {{VolumeName: {{organ: text}}}}")
+    out: dict[str, dict[str, str]] = {}
+    for name, organs in raw.items():
+        if not isinstance(organs, dict) or not all(isinstance(t, str) for t in organs.values()):
+            raise ValueError(f"organ findings file {shown}: the entry of {name!r} must be an object {{organ: text}}")
+        unknown = sorted(set(organs) - set(ORGAN_NAMES))
+        if unknown:
+            raise ValueError(f"organ findings file {shown}: unknown organ name(s) {unknown} for {name!r}; "
+                             f"valid organs: {', '.join(ORGAN_NAMES)}")
+        key = name if name.endswith(".nii.gz") else f"{name}.nii.gz"
+        out[key] = {organ: text.strip() for organ, text in organs.items() if text.strip()}
+    return out
+
+
+def read_split(
+    root: str | Path,
+    split: str,
+    organ_extents: str = "auto",
+    organ_findings: str = "auto",
+) -> tuple[list[VolumeRecord], dict[str, list[str]]]:
     """Join volumes on disk with their CSV rows.
 
     Returns the records and the problems found, as ``{reason: [VolumeName, ...]}``: volumes without a
     row, rows without a volume, duplicate names. Records are only built for names with a volume *and* a
     row in every CSV; the caller quarantines the rest.
+
+    ``organ_extents`` (``ORGAN_EXTENT_SOURCES``): "csv" / "segmentation" require the organ-extents CSV / the
+    ``segmentations`` folder; "auto" attaches both when present (the converter prefers the segmentation, per
+    volume); "none" attaches neither. ``organ_findings``: "auto" (the split's JSON when present), "keywords"
+    (none), or the location of a JSON file; volumes without an entry keep the keyword split (counted, logged).
     """
-    paths = csv_paths(root, split)
+    if organ_extents not in ORGAN_EXTENT_SOURCES:
+        raise ValueError(f"organ_extents must be one of {list(ORGAN_EXTENT_SOURCES)}, got {organ_extents!r}")
+    paths = layout_locations(str(root), split)
+    shown = {k: storage.redact(v) for k, v in paths.items()}
     for key in ("reports", "metadata", "labels"):
-        if not paths[key].is_file():
-            raise FileNotFoundError(f"CT-RATE layout: missing {paths[key]}")
+        if not storage.is_file(paths[key]):
+            raise FileNotFoundError(f"CT-RATE layout: missing {shown[key]}")
     problems: dict[str, list[str]] = {}
     frames = {}
     for key in ("reports", "metadata", "labels"):
-        df = pd.read_csv(paths[key], keep_default_na=False, encoding_errors="replace")
+        df = pd.read_csv(_csv_source(paths[key]), keep_default_na=False, encoding_errors="replace")
         if "VolumeName" not in df.columns:
-            raise ValueError(f"{paths[key]} has no VolumeName column (columns: {list(df.columns)})")
+            raise ValueError(f"{shown[key]} has no VolumeName column (columns: {list(df.columns)})")
         dup = df["VolumeName"][df["VolumeName"].duplicated()].tolist()
         if dup:
             problems.setdefault("duplicate_row", []).extend(f"{key}:{d}" for d in dup)
@@ -139,12 +260,25 @@ def read_split(root: str | Path, split: str) -> tuple[list[VolumeRecord], dict[s
         frames[key] = df.set_index("VolumeName")
     missing_labels = [c for c in LABELS if c not in frames["labels"].columns]
     if missing_labels:
-        raise ValueError(f"{paths['labels']} lacks label columns {missing_labels}")
+        raise ValueError(f"{shown['labels']} lacks label columns {missing_labels}")
     organs: dict[str, dict[str, list[float]]] = {}
-    if paths["organs"].is_file():
-        odf = pd.read_csv(paths["organs"])
-        for row in odf.itertuples(index=False):
-            organs.setdefault(row.VolumeName, {})[row.organ] = [float(row.z_start_mm), float(row.z_end_mm)]
+    if organ_extents in ("auto", "csv"):
+        if storage.is_file(paths["organs"]):
+            odf = pd.read_csv(_csv_source(paths["organs"]))
+            for row in odf.itertuples(index=False):
+                organs.setdefault(row.VolumeName, {})[row.organ] = [float(row.z_start_mm), float(row.z_end_mm)]
+        elif organ_extents == "csv":
+            raise FileNotFoundError(f"data.organ_extents=csv: missing {shown['organs']}")
+    if organ_extents == "segmentation" and not storage.is_dir(paths["segmentations"]):
+        raise FileNotFoundError(f"data.organ_extents=segmentation: missing folder {shown['segmentations']}")
+    findings_json: dict[str, dict[str, str]] | None = None
+    findings_from = ""
+    if organ_findings not in ("auto", "keywords", ""):
+        findings_from = organ_findings
+    elif organ_findings == "auto" and storage.is_file(paths["organ_findings"]):
+        findings_from = paths["organ_findings"]
+    if findings_from:
+        findings_json = read_organ_findings(findings_from)
 
     volumes = find_volumes(root, split)
     names_with_rows = set(frames["reports"].index) & set(frames["metadata"].index) & set(frames["labels"].index)
@@ -154,8 +288,21 @@ def read_split(root: str | Path, split: str) -> tuple[list[VolumeRecord], dict[s
     for name in sorted(all_rows - set(volumes)):
         problems.setdefault("row_without_volume", []).append(name)
 
+    usable = sorted(set(volumes) & names_with_rows)
+    segs = find_segmentations(root, usable) if organ_extents in ("auto", "segmentation") else {}
+    if organ_extents == "segmentation" and len(segs) < len(usable):
+        missing = [n for n in usable if n not in segs]
+        log.warning("%s/%s: %d of %d volumes have no segmentation under %s; they get no organ z-extents "
+                    "(first: %s)", storage.redact(root), split, len(missing), len(usable), shown["segmentations"],
+                    missing[:3])
+    if findings_json is not None:
+        missing = [n for n in usable if n not in findings_json]
+        if missing:
+            log.warning("%s/%s: %d of %d volumes have no entry in %s; their organ-wise findings come from the "
+                        "keyword split of Findings_EN (first: %s)", storage.redact(root), split, len(missing),
+                        len(usable), storage.redact(findings_from), missing[:3])
     records = []
-    for name in sorted(set(volumes) & names_with_rows):
+    for name in usable:
         rep, meta, lab = frames["reports"].loc[name], frames["metadata"].loc[name], frames["labels"].loc[name]
         try:
             xy = parse_xy_spacing(meta["XYSpacing"])
@@ -179,8 +326,11 @@ def read_split(root: str | Path, split: str) -> tuple[list[VolumeRecord], dict[s
                 z_spacing=z,
                 labels=[int(lab[c]) for c in LABELS],
                 organs=organs.get(name, {}),
+                segmentation=segs.get(name, ("", ""))[0],
+                segmentation_kind=segs.get(name, ("", ""))[1],
+                organ_findings=None if findings_json is None else findings_json.get(name),
             )
         )
     for reason, names in problems.items():
-        log.warning("%s/%s: %d x %s (first: %s)", root, split, len(names), reason, names[:3])
+        log.warning("%s/%s: %d x %s (first: %s)", storage.redact(root), split, len(names), reason, names[:3])
     return records, problems

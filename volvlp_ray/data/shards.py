@@ -4,10 +4,13 @@ A sample is three tar members sharing a key (the VolumeName without ``.nii.gz``)
 
     {key}.volume.npy   int16 HU, (D, H, W) = (z, y, x), RAS; saved with ``np.save`` (no pickle)
     {key}.report.txt   UTF-8 report text (findings, then impressions)
-    {key}.meta.json    spacing, z origin, labels, organ z-extents (mm), organ-wise findings, source file
+    {key}.meta.json    spacing, z origin, labels, organ z-extents (mm), organ-wise findings (and where each came
+                       from: ``organs_from``, ``organ_findings_from``), source file
 
 Each split folder holds ``shard-GGGGG-KK.tar`` files, ``manifest.json`` (every shard with its sample count,
-bytes and sha256) and ``quarantine.json`` (what was left out, and why).
+bytes and sha256) and ``quarantine.json`` (what was left out, and why). The folder is local or any pyarrow
+filesystem URI (``storage.py``): a tar bound for an object store is written to a local temporary file and
+uploaded once complete, so no reader sees part of one.
 """
 
 from __future__ import annotations
@@ -17,12 +20,16 @@ import io
 import json
 import logging
 import os
+import shutil
 import tarfile
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+
+from volvlp_ray.data import storage
 
 __all__ = [
     "DecodeError",
@@ -46,6 +53,10 @@ ShardSpec = dict  # {"name": str, "samples": int, "bytes": int, "sha256": str}
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON under a temporary name and rename it into place; a URI: one upload (``storage.write_json``)."""
+    if storage.is_uri(path):
+        storage.write_json(path, obj)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
@@ -82,12 +93,17 @@ def write_group_shards(
     """Write encoded samples into ``shard-{group:05d}-{k:02d}.tar`` files of about ``max_bytes`` each.
 
     Every tar is written under a temporary name and renamed into place when complete, so a reader (or a
-    rerun after a crash) never sees a partial shard.
+    rerun after a crash) never sees a partial shard. ``out_dir`` may be a URI: the tar is then written to a
+    local temporary folder and uploaded in one piece when complete.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(f".shard-{group:05d}-*.tmp"):
-        stale.unlink()
+    remote = storage.is_uri(out_dir)
+    if remote:
+        staging = Path(tempfile.mkdtemp(prefix=f"shard-{group:05d}-"))
+    else:
+        out_dir = staging = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob(f".shard-{group:05d}-*.tmp"):
+            stale.unlink()
     specs: list[ShardSpec] = []
     state: dict[str, Any] = {"tar": None}
 
@@ -96,34 +112,48 @@ def write_group_shards(
             return
         state["tar"].close()
         state["file"].close()
-        final = out_dir / state["name"]
-        os.replace(state["tmp"], final)
-        specs.append({"name": state["name"], "samples": state["n"], "bytes": final.stat().st_size,
-                      "sha256": _sha256(final)})
+        done = state["tmp"]
+        spec = {"name": state["name"], "samples": state["n"], "bytes": done.stat().st_size, "sha256": _sha256(done)}
+        if remote:
+            storage.upload_file(done, storage.child(str(out_dir), state["name"]))
+            done.unlink()
+        else:
+            os.replace(done, out_dir / state["name"])
+        specs.append(spec)
         state["tar"] = None
 
-    for members in samples:
-        if state["tar"] is not None and state["bytes"] >= max_bytes:
-            close()
-        if state["tar"] is None:
-            name = f"shard-{group:05d}-{len(specs):02d}.tar"
-            tmp = out_dir / f".shard-{group:05d}-{len(specs):02d}.{uuid.uuid4().hex[:8]}.tmp"
-            f = open(tmp, "wb")
-            state.update(tar=tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT), file=f, tmp=tmp,
-                         name=name, n=0, bytes=0)
-        for fname, data in members:
-            info = tarfile.TarInfo(fname)
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o644
-            state["tar"].addfile(info, io.BytesIO(data))
-            state["bytes"] += len(data) + 1024
-        state["n"] += 1
-    close()
+    try:
+        for members in samples:
+            if state["tar"] is not None and state["bytes"] >= max_bytes:
+                close()
+            if state["tar"] is None:
+                name = f"shard-{group:05d}-{len(specs):02d}.tar"
+                tmp = staging / f".shard-{group:05d}-{len(specs):02d}.{uuid.uuid4().hex[:8]}.tmp"
+                f = open(tmp, "wb")
+                state.update(tar=tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT), file=f, tmp=tmp,
+                             name=name, n=0, bytes=0)
+            for fname, data in members:
+                info = tarfile.TarInfo(fname)
+                info.size = len(data)
+                info.mtime = 0
+                info.mode = 0o644
+                state["tar"].addfile(info, io.BytesIO(data))
+                state["bytes"] += len(data) + 1024
+            state["n"] += 1
+        close()
+    finally:
+        if remote:
+            shutil.rmtree(staging, ignore_errors=True)
     return specs
 
 
 def read_manifest(split_dir: str | os.PathLike) -> dict:
+    """The split's ``manifest.json`` (``split_dir`` local or a URI)."""
+    if storage.is_uri(split_dir):
+        path = storage.child(str(split_dir), "manifest.json")
+        if not storage.is_file(path):
+            raise FileNotFoundError(f"no shard manifest at {storage.redact(path)}; run jobs/prepare_data.py first")
+        return storage.read_json(path)
     path = Path(split_dir) / "manifest.json"
     if not path.is_file():
         raise FileNotFoundError(f"no shard manifest at {path}; run jobs/prepare_data.py first")

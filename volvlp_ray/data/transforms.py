@@ -1,5 +1,8 @@
 """Volume preprocessing (MONAI, nibabel reader): NIfTI -> int16 HU array (D, H, W) = (z, y, x) in RAS.
 
+Volumes are read from a local path with ``nibabel.load``, or from any pyarrow filesystem URI (``s3://...``) as
+bytes: gunzipped when compressed, then parsed in memory (``storage.load_nifti``).
+
 Steps: HU = slope*raw + intercept -> orientation to RAS from the affine -> resample to the target spacing
 -> HU clip -> in-plane crop/pad. Depth is never cropped or resized to a fixed size: it follows from the
 scan length and the target z spacing. Index order of the result: z increases toward superior, y toward
@@ -11,11 +14,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import Orientation, ResizeWithPadOrCrop, Spacing
+
+from volvlp_ray.data import storage
+from volvlp_ray.data.storage import load_nifti
 
 __all__ = ["PreprocessResult", "load_nifti_hu", "normalise", "preprocess_volume"]
 
@@ -36,13 +41,13 @@ class PreprocessResult:
 
 
 def load_nifti_hu(path: str, slope: float, intercept: float) -> tuple[np.ndarray, np.ndarray]:
-    """Read a NIfTI volume and return (HU float32 (X, Y, Z) in stored order, affine 4x4)."""
-    img = nib.load(path)
+    """Read a NIfTI volume (local path or URI) and return (HU float32 (X, Y, Z) in stored order, affine 4x4)."""
+    img = load_nifti(path)
     raw = np.asarray(img.dataobj)
     if raw.ndim == 4 and raw.shape[-1] == 1:
         raw = raw[..., 0]
     if raw.ndim != 3:
-        raise ValueError(f"{path}: expected a 3-D volume, got shape {raw.shape}")
+        raise ValueError(f"{storage.redact(path)}: expected a 3-D volume, got shape {raw.shape}")
     hu = raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)
     return hu, np.asarray(img.affine, dtype=np.float64)
 
@@ -57,8 +62,10 @@ def preprocess_volume(
     expected_xy_spacing: tuple[float, float] | None = None,
     expected_z_spacing: float | None = None,
 ) -> PreprocessResult:
-    """The full chain for one NIfTI file. Raises ``ValueError`` for volumes that cannot be used."""
+    """The full chain for one NIfTI file (local path or URI). Raises ``ValueError`` for volumes that cannot be
+    used; messages name the file without any credentials a URI may carry."""
     hu, affine = load_nifti_hu(path, slope, intercept)
+    path = storage.redact(path)
     warnings: list[str] = []
     if hu.size == 0 or min(hu.shape) == 0:
         raise ValueError(f"{path}: empty volume, shape {hu.shape}")

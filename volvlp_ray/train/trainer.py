@@ -76,7 +76,7 @@ def start_local_ray(**init_kwargs: Any) -> str:
 
 def ensure_shards(cfg: Config) -> str:
     """Synthetic data (if asked for) and WebDataset shards, each made only when missing or stale."""
-    from volvlp_ray.data.prepare import prepare_options, prepare_shards, shards_ready
+    from volvlp_ray.data.prepare import prepare_options, prepare_shards, shards_ready, source_id
 
     source = cfg.data.source
     if source == "synthetic":
@@ -84,7 +84,7 @@ def ensure_shards(cfg: Config) -> str:
 
         source = str(generate_dataset(cfg.workspace_path / "data" / "synthetic", cfg.data.num_volumes,
                                       cfg.data.num_val_volumes, seed=cfg.seed))
-    if shards_ready(cfg.shards_path, prepare_options(cfg), os.path.abspath(source)):
+    if shards_ready(cfg.shards_path, prepare_options(cfg), source_id(source)):
         print(f"[data] shards ready at {cfg.shards_path}", flush=True)
     else:
         prepare_shards(source, cfg.shards_path, cfg)

@@ -1,0 +1,145 @@
+"""jobs/prepare_data.py with source and out on a real S3 endpoint (moto's server, in this process, over HTTP):
+the manifest and every sample equal those of the same job on local paths. The Ray workers run in other
+processes that were started without the credentials: the job hands them over (runtime_env)."""
+
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import socket
+import tarfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from segutil import ground_truth, multilabel_segmentation, volume_extent_mm
+
+from volvlp_ray.data import storage, synthetic
+from volvlp_ray.data.ctrate import read_split, volume_relpath
+
+ROOT = Path(__file__).resolve().parents[1]
+BUCKET = "volvlp-test"
+
+
+@pytest.fixture
+def s3(ray_session, monkeypatch):
+    """A moto S3 server on a free port; credentials only in this process's environment, set after Ray started."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] (the dev extra) runs the S3 endpoint")
+    boto3 = pytest.importorskip("boto3")
+    worker_secret = ray_session.get(ray_session.remote(lambda: os.environ.get("AWS_SECRET_ACCESS_KEY")).remote())
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(k, v)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    try:
+        yield {"client": client, "endpoint": f"127.0.0.1:{port}", "worker_secret": worker_secret}
+    finally:
+        server.stop()
+
+
+def _job_main():
+    spec = importlib.util.spec_from_file_location("prepare_data_job", ROOT / "jobs" / "prepare_data.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+def _samples(read, split: str) -> tuple[dict, dict]:
+    """(manifest, {key: (volume, report, meta)}) of a split, ``read(relpath) -> bytes``."""
+    manifest = json.loads(read(f"{split}/manifest.json"))
+    samples = {}
+    for spec in manifest["shards"]:
+        data = read(f"{split}/{spec['name']}")
+        assert len(data) == spec["bytes"] and hashlib.sha256(data).hexdigest() == spec["sha256"]
+        members: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(fileobj=io.BytesIO(data)) as t:
+            for m in t.getmembers():
+                key, kind = m.name.split(".", 1)
+                members.setdefault(key, {})[kind] = t.extractfile(m).read()
+        for key, parts in members.items():
+            samples[key] = (np.load(io.BytesIO(parts["volume.npy"]), allow_pickle=False),
+                            parts["report.txt"].decode(), json.loads(parts["meta.json"]))
+    return manifest, samples
+
+
+def test_prepare_job_on_s3_equals_the_local_job(s3, tmp_path, capsys):
+    """Source, shards, markers and manifest on S3 (URIs carrying the endpoint); local job for reference."""
+    src = tmp_path / "src"
+    synthetic.generate_dataset(src, 3, 1, seed=0, processes=1, progress=False)
+    recs = {r.volume_name: r for r in read_split(src, "train")[0]}
+    first = sorted(recs)[0]
+    (src / "segmentations").mkdir()  # a segmentation and organ-wise findings, to be read from S3 too
+    nib.save(multilabel_segmentation(ground_truth(src, "train")[first], volume_extent_mm(recs[first].path)),
+             src / "segmentations" / first)
+    (src / "metadata" / "train_organ_findings.json").write_text(json.dumps({first: {"heart": "Heart of one."}}))
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        s3["client"].upload_file(str(path), BUCKET, f"src/{path.relative_to(src).as_posix()}")
+
+    overrides = ["data.shard_max_bytes=150000", "data.in_plane_size=32", "data.prepare_parallelism=2",
+                 f"workspace={tmp_path / 'ws'}"]
+    query = f"endpoint_override={s3['endpoint']}&scheme=http&region=us-east-1"
+    s3_src, s3_out = f"s3://{BUCKET}/src?{query}", f"s3://{BUCKET}/shards?{query}"
+    main = _job_main()
+    assert main(["--source", str(src), "--out", str(tmp_path / "local"), *overrides]) == 0
+    assert main(["--source", s3_src, "--out", s3_out, *overrides]) == 0
+    out = capsys.readouterr()
+    assert "[prepare] train: 3 samples in" in out.out, out
+
+    def read_s3(rel: str) -> bytes:
+        return s3["client"].get_object(Bucket=BUCKET, Key=f"shards/{rel}")["Body"].read()
+
+    for split, n in (("train", 3), ("valid", 1)):
+        man_local, local = _samples(lambda rel: (tmp_path / "local" / rel).read_bytes(), split)
+        man_s3, remote = _samples(read_s3, split)
+        assert man_local["num_samples"] == man_s3["num_samples"] == n
+        # the same manifest, less what names the source: its id, and the shards' bytes (their meta names the file)
+        assert man_s3["source_id"] == f"s3://{BUCKET}/src?{query}"
+        strip = {"source_id", "shards", "total_bytes"}
+        assert {k: v for k, v in man_s3.items() if k not in strip} == {k: v for k, v in man_local.items()
+                                                                       if k not in strip}
+        shards = [[(s["name"], s["samples"]) for s in m["shards"]] for m in (man_s3, man_local)]
+        assert shards[0] == shards[1]
+        assert sorted(remote) == sorted(local) and len(local) == n
+        for key, (vol, report, meta) in local.items():
+            rvol, rreport, rmeta = remote[key]
+            assert rvol.dtype == vol.dtype and np.array_equal(rvol, vol), key
+            assert rreport == report
+            rel = volume_relpath(f"{key}.nii.gz")
+            assert meta.pop("source") == str(src / rel) and rmeta.pop("source") == f"s3://{BUCKET}/src/{rel}?{query}"
+            assert rmeta == meta, key
+        q = json.loads(read_s3(f"{split}/quarantine.json"))
+        assert q == json.loads((tmp_path / "local" / split / "quarantine.json").read_text())
+    _, remote_train = _samples(read_s3, "train")
+    assert remote_train[first.removesuffix(".nii.gz")][2]["organs_from"] == "segmentation"
+    assert remote_train[first.removesuffix(".nii.gz")][2]["organ_findings"] == {"heart": "Heart of one."}
+
+    keys = [o["Key"] for o in s3["client"].list_objects_v2(Bucket=BUCKET, Prefix="shards/")["Contents"]]
+    assert not [k for k in keys if k.endswith(".tmp") or "/." in k], keys  # no temporary objects left behind
+    assert s3["worker_secret"] != "testing"  # Ray's worker processes never had these credentials themselves
+
+    # a second run on S3 finds the shards up to date
+    assert main(["--source", s3_src, "--out", s3_out, *overrides]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_locations_keep_their_query_and_never_show_credentials(tmp_path):
+    from volvlp_ray.data.prepare import source_id
+
+    uri = "s3://AKIA1:s3cr3t@bucket/ct-rate?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1"
+    assert storage.child(uri, "train", "a.nii.gz") == (
+        "s3://AKIA1:s3cr3t@bucket/ct-rate/train/a.nii.gz?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1")
+    assert storage.redact(uri) == source_id(uri) == (
+        "s3://bucket/ct-rate?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1")
+    fs, path = storage.resolve(storage.child(uri, "train", "a.nii.gz"))
+    assert type(fs).__name__ == "S3FileSystem" and path == "bucket/ct-rate/train/a.nii.gz"
+    assert storage.resolve(storage.child(uri, "x"))[0] is fs  # one filesystem per bucket and options
+    assert storage.normalise(f"file://{tmp_path}/a") == storage.normalise(tmp_path / "a") == str(tmp_path / "a")
+    assert storage.child(str(tmp_path), "a", "b") == str(tmp_path / "a" / "b") and not storage.is_uri(tmp_path)
