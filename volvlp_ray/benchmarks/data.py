@@ -19,9 +19,14 @@ On shards made from ``--volumes`` synthetic volumes (made with the same code as 
 ``rows``: + decode, chunk + text, tokenise), to show where the time goes.
 
 ``ratios`` compares them with issue #3's targets: loader >= 60 % of (a) in MB/s, >= 10x (b) in volumes/s,
-vision padding <= 10 %.
+vision padding <= 10 %. (a) is given both ways: against the disk (``loader_vs_cold_raw_mbps``; what a training
+run reads from, its data being far larger than memory) and against the page cache (``loader_vs_raw_mbps``,
+memory bandwidth). The loader is timed on warm shards either way, so it never waits on the disk itself.
+``--ct-rate-scale`` makes the volumes CT-RATE-sized (~80 MB each); the default 64² volumes (~0.3 MB) measure
+per-sample overhead rather than bandwidth.
 
-Usage: ``python jobs/benchmark.py data --out FILE.json [--volumes 200] [--workspace DIR] [key=value ...]``.
+Usage: ``python jobs/benchmark.py data --out FILE.json [--volumes 200] [--ct-rate-scale] [--workspace DIR] [key=value ...]``
+(CT-RATE scale as measured: ``--ct-rate-scale --volumes 24 --val-volumes 2 --baseline-volumes 6 --batch-size 4``).
 """
 
 from __future__ import annotations
@@ -37,7 +42,11 @@ from typing import Any
 
 import numpy as np
 
-TARGETS = {"loader_vs_raw_mbps": 0.6, "loader_vs_nifti_volumes_per_s": 10.0, "vision_padding_fraction": 0.10}
+TARGETS = {"loader_vs_raw_mbps": 0.6, "loader_vs_cold_raw_mbps": 0.6, "loader_vs_nifti_volumes_per_s": 10.0,
+           "vision_padding_fraction": 0.10}
+# CT-RATE's preprocessing (0.75 x 0.75 x 1.5 mm, 480 in-plane: ~80 MB per volume) and SigVLP's patch
+CT_RATE_SCALE = ["data.spacing=[1.5,0.75,0.75]", "data.in_plane_size=480", "model.patch=[10,20,20]",
+                 "data.shard_max_bytes=268435456"]
 
 
 def _raw_read(files: list[str], block: int = 8 << 20) -> dict[str, Any]:
@@ -205,6 +214,7 @@ def run(out: str | None = None, volumes: int = 200, val_volumes: int = 8, worksp
             "targets": TARGETS,
             "meets_target": {
                 "loader_vs_raw_mbps": ratios["loader_vs_raw_mbps"] >= TARGETS["loader_vs_raw_mbps"],
+                "loader_vs_cold_raw_mbps": ratios["loader_vs_cold_raw_mbps"] >= TARGETS["loader_vs_cold_raw_mbps"],
                 "loader_vs_nifti_volumes_per_s":
                     ratios["loader_vs_nifti_volumes_per_s"] >= TARGETS["loader_vs_nifti_volumes_per_s"],
                 "vision_padding_fraction": ratios["vision_padding_fraction"] <= TARGETS["vision_padding_fraction"],
@@ -226,12 +236,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workspace", default=None, help="keep data and shards here (default: a temp dir)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--baseline-volumes", type=int, default=50, help="volumes timed for the NIfTI baseline")
+    parser.add_argument("--ct-rate-scale", action="store_true",
+                        help="volumes as CT-RATE's preprocessing makes them (0.75 x 0.75 x 1.5 mm, 480 in-plane, "
+                             "~80 MB each; patch 10 x 20 x 20); use with few --volumes")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.in_plane_size=96")
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     report = run(out=args.out, volumes=args.volumes, val_volumes=args.val_volumes, workspace=args.workspace,
-                 batch_size=args.batch_size, baseline_volumes=args.baseline_volumes, overrides=args.overrides)
+                 batch_size=args.batch_size, baseline_volumes=args.baseline_volumes,
+                 overrides=(CT_RATE_SCALE if args.ct_rate_scale else []) + list(args.overrides))
     print(json.dumps({"ratios": report["ratios"], "meets_target": report["meets_target"],
                       "raw_mb_per_s": report["raw_read"]["mb_per_s"],
                       "nifti_volumes_per_s": report["nifti_baseline"]["volumes_per_s"],
