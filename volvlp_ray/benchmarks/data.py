@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from volvlp_ray.benchmarks import write_report
+
 TARGETS = {"loader_vs_raw_mbps": 0.6, "loader_vs_cold_raw_mbps": 0.6, "loader_vs_nifti_volumes_per_s": 10.0,
            "vision_padding_fraction": 0.10}
 # CT-RATE's preprocessing (0.75 x 0.75 x 1.5 mm, 480 in-plane: ~80 MB per volume) and SigVLP's patch
@@ -220,9 +222,7 @@ def run(out: str | None = None, volumes: int = 200, val_volumes: int = 8, worksp
                 "vision_padding_fraction": ratios["vision_padding_fraction"] <= TARGETS["vision_padding_fraction"],
             },
         }
-        if out:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            Path(out).write_text(json.dumps(report, indent=2))
+        write_report(out, report)
         return report
     finally:
         if tmp is not None:

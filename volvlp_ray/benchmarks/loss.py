@@ -36,6 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+from volvlp_ray.benchmarks import write_report
 from volvlp_ray.losses import build_loss
 
 __all__ = ["run", "add_arguments", "main", "LiveTensorBytes", "MEMORY_METHOD"]
@@ -224,9 +225,7 @@ def run(
         "results": results,
         "summary": _summary(results, world_sizes),
     }
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2))
+    write_report(out, report)
     return report
 
 

@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from volvlp_ray.benchmarks import write_report
+
 __all__ = ["CASES", "add_arguments", "flops_per_sample", "main", "measure", "run"]
 
 CASES: dict[str, dict[str, Any]] = {
@@ -402,9 +404,7 @@ def run(
         "samples_per_s": ">= 15 (same case)",
         "ray_overhead_pct": "<= 3",
     }
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2))
+    write_report(out, report)
     return report
 
 

@@ -95,12 +95,12 @@ class StatementBank:
                  for present, n in ((True, len(POSITIVE_TEMPLATES)), (False, len(NEGATIVE_TEMPLATES)))
                  for t in range(n)]
         tok = tokenizer(texts, max_length=max_length, truncation=True, padding="max_length")
-        ids = np.asarray(tok["input_ids"], dtype=np.int64)
-        mask = np.asarray(tok["attention_mask"], dtype=np.int64)
-        n_pos, n_neg = len(POSITIVE_TEMPLATES), len(NEGATIVE_TEMPLATES)
-        per = n_pos + n_neg
-        self.ids = {True: ids.reshape(len(LABELS), per, -1)[:, :n_pos], False: ids.reshape(len(LABELS), per, -1)[:, n_pos:]}
-        self.mask = {True: mask.reshape(len(LABELS), per, -1)[:, :n_pos], False: mask.reshape(len(LABELS), per, -1)[:, n_pos:]}
+        n_pos = len(POSITIVE_TEMPLATES)
+        # (label, template, token) per polarity: True -> affirming templates, False -> negating ones
+        ids, mask = (np.asarray(tok[k], dtype=np.int64).reshape(len(LABELS), -1, max_length)
+                     for k in ("input_ids", "attention_mask"))
+        self.ids = {True: ids[:, :n_pos], False: ids[:, n_pos:]}
+        self.mask = {True: mask[:, :n_pos], False: mask[:, n_pos:]}
 
     def sample(self, polarity: np.ndarray, k: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """For each row of ``polarity`` (B, L), up to ``k`` distinct mentioned findings, each as a (true, false)

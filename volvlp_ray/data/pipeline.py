@@ -62,6 +62,7 @@ class _ToRow:
         self.chunk = cfg.data.chunk_depth
         self.max_len = cfg.data.max_text_length
         self.seed = cfg.seed
+        self.findings = training and cfg.loss.negation_pairs > 0  # only the negation-pair loss reads them
         self.tokenizer_dir = tokenizer_dir
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -103,7 +104,7 @@ class _ToRow:
             truncated, ids, mask = len(ids) > 1, ids[0], mask[0]
         else:
             truncated = bool(tok.get("overflowing_tokens"))
-        return [{
+        row = {
             "key": s["key"],
             "volume": np.ascontiguousarray(vol),
             "depth": int(n),
@@ -113,9 +114,10 @@ class _ToRow:
             "study_id": study_id(s["key"]),
             "z_center_mm": np.float32(z0_mm + (start + n / 2 - 0.5) * sz),
             "text_truncated": bool(truncated),
-            # what the trained-on text affirms / negates, per label (for the negation-pair loss)
-            "findings": polarity_vector(text),
-        }]
+        }
+        if self.findings:  # what the trained-on text affirms / negates, per label
+            row["findings"] = polarity_vector(text)
+        return [row]
 
 
 def build_dataset(cfg: Config, split: str, tokenizer_dir: str, training: bool | None = None, first_epoch: int = 0):

@@ -95,9 +95,13 @@ class VLP(nn.Module):
         """volume (B, 1, D, H, W), depths (B,) or None -> L2-normalised features (B, E)."""
         return F.normalize(self.vision_norm(self.vision_proj(self.vision(volume, depths))), dim=-1)
 
+    def _text_projected(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Text tower + projection, before the batch normalisation: (B, T) -> (B, E)."""
+        return self.text_proj(self.text(input_ids, attention_mask))
+
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """input_ids (B, T), attention_mask (B, T) -> L2-normalised features (B, E)."""
-        return F.normalize(self.text_norm(self.text_proj(self.text(input_ids, attention_mask))), dim=-1)
+        return F.normalize(self.text_norm(self._text_projected(input_ids, attention_mask)), dim=-1)
 
     def forward(
         self,
@@ -116,7 +120,7 @@ class VLP(nn.Module):
         the tower can move the reports away from them along low-variance directions (measured: held-out
         retrieval fell to chance). In eval mode both use the running statistics, as zero-shot prompts do.
         """
-        h = self.text_proj(self.text(input_ids, attention_mask))
+        h = self._text_projected(input_ids, attention_mask)
         out = dict(
             image_features=self.encode_image(volume, depths),
             text_features=F.normalize(self.text_norm(h), dim=-1),
@@ -128,7 +132,7 @@ class VLP(nn.Module):
                 raise ValueError(f"pair_ids and pair_mask must both be (B, K, 2, T), got {tuple(pair_ids.shape)} and "
                                  f"{None if pair_mask is None else tuple(pair_mask.shape)}")
             b, k, _, t = pair_ids.shape
-            hp = self.text_proj(self.text(pair_ids.reshape(-1, t), pair_mask.reshape(-1, t)))
+            hp = self._text_projected(pair_ids.reshape(-1, t), pair_mask.reshape(-1, t))
             if self.proj_norm:
                 norm = self.text_norm
                 if self.training:
