@@ -40,4 +40,4 @@ def test_data_benchmark_measures_all_three_paths_and_the_padding(ray_session, tm
                                       "max": max(depths)}
     assert 0 < loader["text_padding_fraction"] < 1
     assert set(report["meets_target"]) == set(report["targets"])
-    assert {k: v["rows"] for k, v in report["loader_stages"].items()} == {"read": 8, "rows": 8}
+    assert {k: v["rows"] for k, v in report["loader_stages"].items()} == {"read": 8, "rows": 8, "read_webdataset": 8}

@@ -129,6 +129,37 @@ def test_prepare_job_on_s3_equals_the_local_job(s3, tmp_path, capsys):
     assert main(["--source", s3_src, "--out", s3_out, *overrides]) == 0
     assert "nothing to do" in capsys.readouterr().out
 
+    # training and evaluation read the shards from S3 (read tasks get the credentials): the same rows as local
+    from volvlp_ray.config import load_config
+    from volvlp_ray.data.pipeline import build_dataset, shard_files
+    from volvlp_ray.eval.job import resolve_data
+    from volvlp_ray.train.trainer import ensure_tokenizer
+
+    cfg_s3 = load_config(None, [*overrides, f"data.shards_dir={s3_out}"])
+    cfg_local = load_config(None, [*overrides, f"data.shards_dir={tmp_path / 'local'}"])
+    tokenizer = ensure_tokenizer(cfg_s3)  # built from the reports on S3
+    assert "tokenizer built from 3 reports" in capsys.readouterr().out
+    assert shard_files(cfg_s3, "train") == [f"s3://{BUCKET}/shards/train/{s['name']}?{query}"
+                                            for s in json.loads(read_s3("train/manifest.json"))["shards"]]
+
+    def rows(cfg, split):
+        return {r["key"]: r for r in build_dataset(cfg, split, tokenizer, training=False).iter_rows()}
+
+    for split, n in (("train", 3), ("valid", 1)):
+        remote, local = rows(cfg_s3, split), rows(cfg_local, split)
+        assert sorted(remote) == sorted(local) and len(local) == n
+        for key, row in local.items():
+            assert np.array_equal(remote[key]["volume"], row["volume"])
+            assert np.array_equal(remote[key]["input_ids"], row["input_ids"])
+    assert resolve_data(cfg_local, s3_out, "valid")[0].data.shards_dir == s3_out  # jobs/evaluate.py --data s3://...
+    assert resolve_data(cfg_local, storage.child(s3_out, "valid"), "test")[1:] == ("valid", "shards_valid")
+
+    # a shard that lost its tail on the object store is left out with an error; the other shards stay
+    train_shards = [s["name"] for s in json.loads(read_s3("train/manifest.json"))["shards"]]
+    s3["client"].put_object(Bucket=BUCKET, Key=f"shards/train/{train_shards[0]}",
+                            Body=read_s3(f"train/{train_shards[0]}")[:-1024])
+    assert shard_files(cfg_s3, "train") == [f"s3://{BUCKET}/shards/train/{name}?{query}" for name in train_shards[1:]]
+
 
 def test_locations_keep_their_query_and_never_show_credentials(tmp_path):
     from volvlp_ray.data.prepare import source_id

@@ -59,8 +59,9 @@ class DataConfig:
     shard_max_bytes: int = 4 * 2**20
     """Target size of one WebDataset tar."""
     shards_dir: str | None = None
-    """Where shards live; default ``{workspace}/shards``. ``jobs/prepare_data.py --out`` takes any pyarrow
-    filesystem URI; training reads shards from a local or mounted (shared) filesystem."""
+    """Where shards live; default ``{workspace}/shards``. A local path or any pyarrow filesystem URI
+    (``s3://bucket/shards?region=...``): ``jobs/prepare_data.py`` writes there, training and evaluation read from
+    there."""
     text_mode: str = "report"
     """"report": a sample is the whole volume with its whole report; "organ": a random z-chunk with the findings
     of the organs it covers plus a general sentence (SigVLP)."""

@@ -8,15 +8,16 @@ On shards made from ``--volumes`` synthetic volumes (made with the same code as 
     loader finds them; the ratio target is taken against this one);
 (b) ``nifti_baseline``: what CT-CLIP-style loaders do per sample in ``__getitem__``: load the NIfTI volume,
     rescale, reorient, resample, window, crop/pad (``preprocess_volume``), one process, volumes/s;
-(c) ``loader``: ``build_dataset`` (ray.data.read_webdataset -> decode -> chunk + text -> tokenise) ->
+(c) ``loader``: ``build_dataset`` (``reader.read_shards`` -> decode -> chunk + text -> tokenise) ->
     ``iter_batches`` -> depth bucketing (``data.bucket_pool``) -> ``collate``, two full passes over the training
     split (the second is ``loader``, the first, with Ray Data's start-up in it, ``loader_first_pass``),
     volumes/s and MB/s of shard bytes; plus the fraction of padded tokens in collated batches: vision tokens
     (depth padded to the deepest volume of the batch; also without bucketing, for comparison) and text tokens
     (padded to ``data.max_text_length``).
 
-``loader_stages`` times the loader's first stages alone on the same shards (``read``: Ray Data's tar reading;
-``rows``: + decode, chunk + text, tokenise), to show where the time goes.
+``loader_stages`` times the loader's first stages alone on the same shards (``read``: the tar reading;
+``rows``: + decode, chunk + text, tokenise; and ``read_webdataset``: Ray Data's own tar reading, which gives the
+same rows as ``read``), to show where the time goes.
 
 ``ratios`` compares them with issue #3's targets: loader >= 60 % of (a) in MB/s, >= 10x (b) in volumes/s,
 vision padding <= 10 %. (a) is given both ways: against the disk (``loader_vs_cold_raw_mbps``; what a training
@@ -91,14 +92,18 @@ def _nifti_baseline(source: str, cfg, limit: int) -> dict[str, Any]:
 
 def _stages(cfg, tokenizer_dir: str, shard_bytes: int) -> dict[str, Any]:
     """Where the loader's time goes: the same shards through the first stages only, MB/s of shard bytes each:
-    ``read`` (``read_webdataset``, raw tar members) and ``rows`` (+ decode, chunk + text, tokenise)."""
+    ``read`` (``reader.read_shards``, raw tar members), ``rows`` (+ decode, chunk + text, tokenise), and
+    ``read_webdataset`` (Ray Data's own tar reading, the same rows as ``read``, for comparison)."""
     import ray.data
 
     from volvlp_ray.data.pipeline import build_dataset, shard_files
+    from volvlp_ray.data.reader import read_shards
 
     out = {}
-    for name, ds in (("read", ray.data.read_webdataset(shard_files(cfg, "train"), decoder=None)),
-                     ("rows", build_dataset(cfg, "train", tokenizer_dir, training=True))):
+    files = shard_files(cfg, "train")
+    for name, ds in (("read", read_shards(files)),
+                     ("rows", build_dataset(cfg, "train", tokenizer_dir, training=True)),
+                     ("read_webdataset", ray.data.read_webdataset(files, decoder=None))):
         for attempt in range(2):  # the second pass is timed (workers up)
             n, t0 = 0, time.perf_counter()
             for batch in ds.iter_batches(batch_size=64, batch_format="numpy"):

@@ -15,15 +15,16 @@ import itertools
 import logging
 import zlib
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from volvlp_ray.config import Config
+from volvlp_ray.data import storage
 from volvlp_ray.data.negation import polarity_vector
 from volvlp_ray.data.organs import chunk_text
+from volvlp_ray.data.reader import read_shards
 from volvlp_ray.data.shards import DecodeError, decode_sample, intact_shards
 from volvlp_ray.data.transforms import normalise
 
@@ -37,8 +38,16 @@ _counter = itertools.count()
 
 
 def shard_files(cfg: Config, split: str) -> list[str]:
-    """The split's shards listed in its manifest, less any missing or truncated one (logged as an error)."""
-    return intact_shards(Path(cfg.shards_path) / split)
+    """The split's shards listed in its manifest, less any missing or truncated one (logged as an error);
+    local paths, or locations on the object store ``data.shards_dir`` names."""
+    return intact_shards(storage.child(storage.normalise(cfg.shards_path), split))
+
+
+def _read_env(files: list[str]) -> dict[str, Any] | None:
+    """The read tasks' ``runtime_env`` for shards on an object store: the driver's storage credentials (a
+    cluster with instance roles has none to pass)."""
+    env = storage.credential_env() if files and storage.is_uri(files[0]) else {}
+    return {"env_vars": env} if env else None
 
 
 def study_id(key: str) -> int:
@@ -127,8 +136,6 @@ def build_dataset(cfg: Config, split: str, tokenizer_dir: str, training: bool | 
     pass use the file order of that epoch, so a resumed run replays the interrupted epoch in its original
     order. With ``data.deterministic`` the row order is reproducible (``preserve_order``).
     """
-    import ray.data
-
     training = split == "train" if training is None else training
     files = shard_files(cfg, split)
     kwargs: dict[str, Any] = {}
@@ -136,7 +143,7 @@ def build_dataset(cfg: Config, split: str, tokenizer_dir: str, training: bool | 
         from ray.data import FileShuffleConfig
 
         kwargs["shuffle"] = FileShuffleConfig(seed=cfg.seed, reseed_after_execution=True)
-    ds = ray.data.read_webdataset(files, decoder=None, override_num_blocks=len(files), **kwargs)
+    ds = read_shards(files, override_num_blocks=len(files), runtime_env=_read_env(files), **kwargs)
     if training and first_epoch:
         # The per-pass file order is seeded with (seed, execution index) and the index counts passes over
         # this Dataset object; a Dataset built for a resumed run starts counting at the resumed epoch.
@@ -200,9 +207,8 @@ def latest_progress(run_dir: str) -> dict[str, Any] | None:
 
 def read_corpus(cfg: Config, split: str = "train") -> list[str]:
     """Report texts of a split (to build a tokenizer for a scratch text tower)."""
-    import ray.data
-
-    ds = ray.data.read_webdataset(shard_files(cfg, split), decoder=None, suffixes=["report.txt"])
+    files = shard_files(cfg, split)
+    ds = read_shards(files, suffixes=["report.txt"], runtime_env=_read_env(files))
     return [r["report.txt"].decode("utf-8", errors="replace") for r in ds.iter_rows()]
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "decode_sample",
     "encode_sample",
     "intact_shards",
+    "npy_view",
     "read_manifest",
     "write_group_shards",
     "write_json_atomic",
@@ -161,32 +162,63 @@ def read_manifest(split_dir: str | os.PathLike) -> dict:
 
 
 def intact_shards(split_dir: str | os.PathLike) -> list[str]:
-    """Paths of the manifest's shards that are on disk with the size the manifest records.
+    """Locations of the manifest's shards that exist with the size the manifest records (``split_dir`` local
+    or a URI; the shards' locations keep the URI's options).
 
     A missing or truncated tar would make the reader fail the whole stream (a tar read error is no bad
     sample), so each one is logged as an error and left out; the samples of every other shard stay. One
-    ``stat`` per shard: a full sha256 check is ``prepare_data``'s business, not every training start's.
+    ``stat`` per shard (one listing on an object store): a full sha256 check is ``prepare_data``'s business,
+    not every training start's.
     """
-    split_dir = Path(split_dir)
+    split_dir = storage.normalise(split_dir)
+    sizes = storage.file_sizes(split_dir)
     good = []
     for spec in read_manifest(split_dir)["shards"]:
-        path = split_dir / spec["name"]
-        size = path.stat().st_size if path.is_file() else None
+        path = storage.child(split_dir, spec["name"])
+        size = sizes.get(spec["name"])
         if size is None or ("bytes" in spec and size != spec["bytes"]):
             found = "missing" if size is None else f"{size} bytes"
             log.error("skipping shard %s: %s, the manifest says %s bytes (%s samples lost); rerun "
-                      "jobs/prepare_data.py to rebuild it", path, found, spec.get("bytes"), spec.get("samples"))
+                      "jobs/prepare_data.py to rebuild it", storage.redact(path), found, spec.get("bytes"),
+                      spec.get("samples"))
             continue
-        good.append(str(path))
+        good.append(path)
     if not good:
-        raise FileNotFoundError(f"no intact shard in {split_dir}: every shard is missing or truncated")
+        raise FileNotFoundError(f"no intact shard in {storage.redact(split_dir)}: every shard is missing or "
+                                "truncated")
     return good
+
+
+def npy_view(data: bytes) -> np.ndarray:
+    """The array of an ``.npy`` payload as a read-only view of ``data`` (``np.load`` copies it).
+
+    ``np.load``'s checks: the format version, no object dtype (nothing is unpickled), and a payload as long
+    as the header's shape says (``ValueError`` otherwise). A Fortran-ordered or version-3 file goes through
+    ``np.load(..., allow_pickle=False)`` instead."""
+    fmt = np.lib.format
+    head = io.BytesIO(data[:65536 + 16])
+    version = fmt.read_magic(head)
+    if version not in ((1, 0), (2, 0)):
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(head)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not loaded (they would be unpickled)")
+    if fortran_order:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    count = int(np.prod(shape, dtype=np.int64))
+    offset = head.tell()
+    if len(data) - offset < count * dtype.itemsize:
+        raise ValueError(f"payload has {len(data) - offset} bytes, shape {shape} of {dtype} needs "
+                         f"{count * dtype.itemsize}")
+    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
 def decode_sample(row: dict[str, Any]) -> dict[str, Any]:
     """Raw tar members (bytes) -> ``volume`` (int16 ndarray), ``report`` (str), ``meta`` (dict).
 
-    Never unpickles: ``np.load(..., allow_pickle=False)``. Raises :class:`DecodeError` with the key and the
+    Never unpickles (``npy_view``); the volume is a read-only view of the member's bytes. Raises
+    :class:`DecodeError` with the key and the
     reason for anything unusable.
     """
     key = row.get("__key__", "?")
@@ -194,7 +226,7 @@ def decode_sample(row: dict[str, Any]) -> dict[str, Any]:
         if row.get(member) is None:
             raise DecodeError(f"{key}: missing member {member}")
     try:
-        volume = np.load(io.BytesIO(row["volume.npy"]), allow_pickle=False)
+        volume = npy_view(row["volume.npy"])
     except Exception as exc:  # noqa: BLE001 - any decoding failure is a bad sample
         raise DecodeError(f"{key}: undecodable volume.npy ({type(exc).__name__}: {exc})") from exc
     if volume.ndim != 3 or volume.shape[0] == 0 or volume.size == 0:

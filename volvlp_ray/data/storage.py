@@ -37,6 +37,7 @@ __all__ = [
     "credential_env",
     "delete_dir",
     "exists",
+    "file_sizes",
     "is_dir",
     "is_file",
     "is_uri",
@@ -45,6 +46,7 @@ __all__ = [
     "load_nifti",
     "nifti_shape",
     "normalise",
+    "parent",
     "open_input",
     "read_bytes",
     "read_json",
@@ -89,6 +91,18 @@ def child(location: str | os.PathLike, *parts: str) -> str:
     s = urlsplit(text)
     path = "/".join([s.path.rstrip("/"), *(p.strip("/") for p in parts)])
     return urlunsplit((s.scheme, s.netloc, path, s.query, s.fragment))
+
+
+def parent(location: str | os.PathLike) -> tuple[str, str]:
+    """``(parent location, last name)``, keeping a URI's query: ``parent("s3://b/x/train?q") ==
+    ("s3://b/x?q", "train")``."""
+    text = str(location)
+    if not is_uri(text):
+        path = normalise(text).rstrip(os.sep) or os.sep
+        return os.path.dirname(path), os.path.basename(path)
+    s = urlsplit(text)
+    head, _, name = s.path.rstrip("/").rpartition("/")
+    return urlunsplit((s.scheme, s.netloc, head, s.query, s.fragment)), name
 
 
 def redact(location: str | os.PathLike) -> str:
@@ -228,6 +242,20 @@ def list_dir(location: str | os.PathLike) -> dict[str, str]:
         if info.type in (pyarrow.fs.FileType.File, pyarrow.fs.FileType.Directory):
             out[info.base_name] = "dir" if info.type == pyarrow.fs.FileType.Directory else "file"
     return out
+
+
+def file_sizes(location: str | os.PathLike) -> dict[str, int]:
+    """``{name: bytes}`` of the files directly in a folder (one listing; not cached); empty when none."""
+    import pyarrow.fs
+
+    if not is_uri(location):
+        path = normalise(location)
+        if not os.path.isdir(path):
+            return {}
+        return {e.name: e.stat().st_size for e in os.scandir(path) if e.is_file()}
+    fs, path = resolve(location)
+    sel = pyarrow.fs.FileSelector(path, allow_not_found=True, recursive=False)
+    return {info.base_name: info.size for info in fs.get_file_info(sel) if info.type == pyarrow.fs.FileType.File}
 
 
 def list_files(location: str | os.PathLike, suffix: str = "") -> list[str]:

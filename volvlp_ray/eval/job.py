@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from volvlp_ray.config import Config, ConfigError, config_from_dict, parse_override
+from volvlp_ray.data import storage
 from volvlp_ray.eval.checkpoint import CheckpointRef, resolve_checkpoint, run_config_of
 
 __all__ = ["DEFAULT_JOB_BOOTSTRAP", "build_eval_config", "resolve_data", "run_evaluation"]
@@ -98,24 +99,28 @@ def resolve_data(cfg: Config, data: str | None, split: str) -> tuple[Config, str
 
     ``data``: None (``split`` of the workspace's shards), a split folder (has ``manifest.json``) or a shards
     root holding ``split/manifest.json``."""
+    def has_manifest(location: str) -> bool:
+        return storage.is_file(storage.child(location, "manifest.json"))
+
     if data is None:
-        root = Path(cfg.shards_path)
-        if not (root / split / "manifest.json").is_file():
-            raise FileNotFoundError(f"no shards to evaluate: {root / split / 'manifest.json'} does not exist "
-                                    f"(train in workspace={cfg.workspace} first, or pass --data)")
+        root = storage.normalise(cfg.shards_path)
+        if not has_manifest(storage.child(root, split)):
+            missing = storage.redact(storage.child(root, split, "manifest.json"))
+            raise FileNotFoundError(f"no shards to evaluate: {missing} does not exist (train in "
+                                    f"workspace={cfg.workspace} first, or pass --data)")
         return cfg, split, split
-    path = Path(data).expanduser().absolute()
-    if (path / "manifest.json").is_file():
-        root, split = path.parent, path.name
-    elif (path / split / "manifest.json").is_file():
+    path = storage.normalise(data if storage.is_uri(data) else os.path.expanduser(data))
+    if has_manifest(path):
+        root, split = storage.parent(path)
+    elif has_manifest(storage.child(path, split)):
         root = path
     else:
-        raise FileNotFoundError(f"--data {data}: neither {path / 'manifest.json'} nor "
-                                f"{path / split / 'manifest.json'} exists (give a split folder made by the shard "
-                                "preparation, or its parent with --split)")
-    same = root == Path(cfg.shards_path).absolute()
+        here, below = (storage.redact(storage.child(path, *p, "manifest.json")) for p in ((), (split,)))
+        raise FileNotFoundError(f"--data {storage.redact(data)}: neither {here} nor {below} exists (give a split "
+                                "folder made by the shard preparation, or its parent with --split)")
+    same = root == storage.normalise(cfg.shards_path)
     cfg = config_from_dict(_deep_merge(asdict(cfg), {"data": {"shards_dir": str(root)}}))
-    name = split if same else f"{root.name}_{split}"
+    name = split if same else f"{storage.parent(root)[1]}_{split}"
     return cfg, split, re.sub(r"[^\w.\-]+", "_", name)
 
 
@@ -255,10 +260,10 @@ def run_evaluation(
     train_emb = None
     probe_note = None
     if cfg.eval.probe:
-        train_split_dir = Path(cfg.shards_path) / "train"
+        train_split_dir = storage.child(storage.normalise(cfg.shards_path), "train")
         if split == "train":
             probe_note = "the evaluated split is the training split"
-        elif (train_split_dir / "manifest.json").is_file():
+        elif storage.is_file(storage.child(train_split_dir, "manifest.json")):
             limit = cfg.eval.probe_train_volumes
             print(f"[eval] linear probe: embedding {'all' if not limit else f'at most {limit}'} training volumes "
                   f"of {train_split_dir}", flush=True)

@@ -94,7 +94,9 @@ def ensure_shards(cfg: Config) -> str:
 def ensure_tokenizer(cfg: Config) -> str:
     """A tokenizer folder the workers load: built from the training reports for a scratch text tower
     (cached by corpus and vocabulary size), else the pretrained model's own tokenizer."""
+    from volvlp_ray.data import storage
     from volvlp_ray.data.pipeline import read_corpus
+    from volvlp_ray.data.shards import read_manifest
     from volvlp_ray.models.text import build_tokenizer, load_tokenizer
 
     root = cfg.workspace_path / "tokenizers"
@@ -103,7 +105,7 @@ def ensure_tokenizer(cfg: Config) -> str:
         if not (out / "tokenizer_config.json").is_file():
             load_tokenizer(cfg.model).save_pretrained(str(out))
         return str(out)
-    manifest = json.loads((Path(cfg.shards_path) / "train" / "manifest.json").read_text())
+    manifest = read_manifest(storage.child(storage.normalise(cfg.shards_path), "train"))
     key = hashlib.sha1(json.dumps([[s["sha256"] for s in manifest["shards"]], cfg.model.text_vocab_size])
                        .encode()).hexdigest()[:12]
     out = root / key
