@@ -145,12 +145,15 @@ def test_prepare_job_on_s3_equals_the_local_job(s3, tmp_path, capsys):
     def rows(cfg, split):
         return {r["key"]: r for r in build_dataset(cfg, split, tokenizer, training=False).iter_rows()}
 
+    cfg_wds = load_config(None, [*overrides, f"data.shards_dir={s3_out}", "data.reader=webdataset"])
     for split, n in (("train", 3), ("valid", 1)):
-        remote, local = rows(cfg_s3, split), rows(cfg_local, split)
-        assert sorted(remote) == sorted(local) and len(local) == n
-        for key, row in local.items():
-            assert np.array_equal(remote[key]["volume"], row["volume"])
-            assert np.array_equal(remote[key]["input_ids"], row["input_ids"])
+        local = rows(cfg_local, split)
+        assert len(local) == n
+        for remote in (rows(cfg_s3, split), rows(cfg_wds, split)):  # our reader, and Ray's read_webdataset
+            assert sorted(remote) == sorted(local)
+            for key, row in local.items():
+                assert np.array_equal(remote[key]["volume"], row["volume"])
+                assert np.array_equal(remote[key]["input_ids"], row["input_ids"])
     assert resolve_data(cfg_local, s3_out, "valid")[0].data.shards_dir == s3_out  # jobs/evaluate.py --data s3://...
     assert resolve_data(cfg_local, storage.child(s3_out, "valid"), "test")[1:] == ("valid", "shards_valid")
 

@@ -74,6 +74,9 @@ class DataConfig:
     bucket_pool: int = 4
     """Depth bucketing: the training stream is read in pools of this many batches, each pool sorted by depth and
     cut into batches (yielded in seeded random order), so a batch pads to a near-equal depth; 1 = off."""
+    reader: str = "shards"
+    """How Ray Data reads the shard tars: "shards" (``data/reader.py``: one read per tar member) or "webdataset"
+    (``ray.data.read_webdataset``, ``tarfile`` stream mode). The same rows either way; "shards" is faster."""
     deterministic: bool = True
     """Reproducible training stream (Ray Data ``preserve_order``): two runs with one seed see the same batches,
     and a resumed run replays the interrupted epoch in its original order. False: order follows scheduling."""
@@ -317,6 +320,7 @@ _CHOICES = {
     ("train", "zero_stage"): (0, 1, 2, 3),
     ("data", "text_mode"): ("report", "organ"),
     ("data", "organ_extents"): ("auto", "csv", "segmentation", "none"),
+    ("data", "reader"): ("shards", "webdataset"),
 }
 
 

@@ -30,7 +30,7 @@ from volvlp_ray.data.transforms import normalise
 
 __all__ = [
     "TrainDatasetFactory", "build_dataset", "collate", "latest_progress", "normalise_tensor", "read_corpus",
-    "shard_files", "study_id",
+    "read_split", "shard_files", "study_id",
 ]
 
 log = logging.getLogger(__name__)
@@ -43,11 +43,21 @@ def shard_files(cfg: Config, split: str) -> list[str]:
     return intact_shards(storage.child(storage.normalise(cfg.shards_path), split))
 
 
-def _read_env(files: list[str]) -> dict[str, Any] | None:
-    """The read tasks' ``runtime_env`` for shards on an object store: the driver's storage credentials (a
-    cluster with instance roles has none to pass)."""
+def read_split(cfg: Config, files: list[str], **kwargs: Any):
+    """The shards as a Ray Dataset of raw samples (``__key__``, ``volume.npy``/``report.txt``/``meta.json``
+    bytes, ``__url__``), read the way ``data.reader`` says. Shards on an object store: the read tasks get the
+    driver's storage credentials (a cluster with instance roles has none to pass)."""
     env = storage.credential_env() if files and storage.is_uri(files[0]) else {}
-    return {"env_vars": env} if env else None
+    if env:
+        kwargs["runtime_env"] = {"env_vars": env}
+    if cfg.data.reader == "webdataset":
+        import ray.data
+
+        if files and storage.is_uri(files[0]):
+            kwargs["filesystem"] = storage.resolve(files[0])[0]
+            files = [storage.resolve(f)[1] for f in files]
+        return ray.data.read_webdataset(files, decoder=None, **kwargs)
+    return read_shards(files, **kwargs)
 
 
 def study_id(key: str) -> int:
@@ -143,7 +153,7 @@ def build_dataset(cfg: Config, split: str, tokenizer_dir: str, training: bool | 
         from ray.data import FileShuffleConfig
 
         kwargs["shuffle"] = FileShuffleConfig(seed=cfg.seed, reseed_after_execution=True)
-    ds = read_shards(files, override_num_blocks=len(files), runtime_env=_read_env(files), **kwargs)
+    ds = read_split(cfg, files, override_num_blocks=len(files), **kwargs)
     if training and first_epoch:
         # The per-pass file order is seeded with (seed, execution index) and the index counts passes over
         # this Dataset object; a Dataset built for a resumed run starts counting at the resumed epoch.
@@ -208,7 +218,7 @@ def latest_progress(run_dir: str) -> dict[str, Any] | None:
 def read_corpus(cfg: Config, split: str = "train") -> list[str]:
     """Report texts of a split (to build a tokenizer for a scratch text tower)."""
     files = shard_files(cfg, split)
-    ds = read_shards(files, suffixes=["report.txt"], runtime_env=_read_env(files))
+    ds = read_split(cfg, files, suffixes=["report.txt"])
     return [r["report.txt"].decode("utf-8", errors="replace") for r in ds.iter_rows()]
 
 
