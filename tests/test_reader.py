@@ -48,6 +48,18 @@ def test_members_equal_tarfile(fmt):
     assert got == _reference(data) == members
 
 
+class _Trickle(io.BytesIO):
+    """A stream that returns at most 300 bytes per read, as a network stream may."""
+
+    def read(self, n=-1):
+        return super().read(min(n, 300) if n and n > 0 else n)
+
+
+def test_short_reads_are_completed():
+    data = _tar(MEMBERS[:5])
+    assert list(iter_members(_Trickle(data))) == _reference(data)
+
+
 def test_pax_size_and_global_headers_are_applied():
     """A pax ``size`` record overrides the ustar field (as for members past 8 GiB); a global header is skipped."""
     buf = io.BytesIO()

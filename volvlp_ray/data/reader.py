@@ -6,9 +6,10 @@ gives the rows ``ray.data.read_webdataset(paths, decoder=None)`` gives (``__key_
 suffix, ``__url__``; tested equal), with its file shuffling, on local paths or any pyarrow filesystem location
 (``storage.py``). The difference is the tar parsing. ``read_webdataset`` walks each shard with ``tarfile`` in
 stream mode, which reads a member in 10 KiB records and joins them, several copies of every byte; here a
-member is one ``read`` of its size. On a 300 MB shard of 480² CT volumes on this machine's page cache that is
-about 3 GB/s against 0.3-0.5 GB/s (``jobs/benchmark.py data`` times both). Decoding the ``.npy`` member
-(``shards.decode_sample``) is a view of those bytes, not a further copy.
+member is one ``read`` of its size. Parsing a 300 MB shard of 480² CT volumes from this machine's page cache
+in one process: ~3 GB/s, against ~0.5 GB/s for ``tarfile``'s stream mode plus ``np.load``; through Ray Data,
+where the rows also travel to the consumer, ``jobs/benchmark.py data`` times both (``loader_stages``). Decoding
+the ``.npy`` member (``shards.decode_sample``) is a view of those bytes, not a further copy.
 
 The parser reads POSIX ustar, pax (per-file ``path``/``size`` records) and GNU long names, as written by
 ``tarfile`` and GNU tar. A damaged or truncated tar raises :class:`ShardReadError` naming the shard and the
@@ -36,8 +37,19 @@ class ShardReadError(ValueError):
     """A shard that is not a readable tar (bad header checksum, truncated member, bad pax record)."""
 
 
-def _read_exact(stream: Any, n: int, url: str, offset: int, what: str) -> bytes:
+def _read_upto(stream: Any, n: int) -> bytes:
+    """``n`` bytes, fewer only at the end of the stream (a network stream may return short reads)."""
     data = stream.read(n) if n else b""
+    if 0 < len(data) < n:
+        parts = [data]
+        while (got := sum(map(len, parts))) < n and (more := stream.read(n - got)):
+            parts.append(more)
+        data = b"".join(parts)
+    return data
+
+
+def _read_exact(stream: Any, n: int, url: str, offset: int, what: str) -> bytes:
+    data = _read_upto(stream, n)
     if len(data) != n:
         raise ShardReadError(f"{url}: truncated tar: {what} at byte {offset} wants {n} bytes, got {len(data)}")
     return data
@@ -63,7 +75,7 @@ def iter_members(stream: Any, url: str = "?") -> Iterator[tuple[str, bytes]]:
     offset = 0
     pending: dict[str, str] = {}  # pax / GNU long-name values for the next entry
     while True:
-        header = stream.read(_RECORD)
+        header = _read_upto(stream, _RECORD)
         if not header or header == bytes(_RECORD):  # end of archive (the zero records, or EOF after a member)
             return
         if len(header) != _RECORD:
