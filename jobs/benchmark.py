@@ -5,9 +5,9 @@
     python jobs/benchmark.py model --out model.json   # the whole training step (vision + text + loss + optimizer,
                                                       # DeepSpeed): samples/s, tokens/s, peak memory, MFU; no Ray
                                                       # unless --ray (the same step in Ray Train, one worker)
-    python jobs/benchmark.py data --out data.json     # shards from --volumes synthetic volumes: raw shard read MB/s
-                                                      # vs per-sample NIfTI load + resample vs the Ray Data loader
-                                                      # (volumes/s, MB/s, padded-token fractions)
+    python jobs/benchmark.py data --out data.json     # shards from synthetic CT-RATE-sized volumes (--scale small:
+                                                      # 64²): raw shard read MB/s vs per-sample NIfTI load +
+                                                      # resample vs the Ray Data loader (volumes/s, MB/s, padding)
 """
 
 from __future__ import annotations

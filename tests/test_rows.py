@@ -14,9 +14,10 @@ SHORT = "No pleural effusion. The heart is enlarged."
 LONG = " ".join(["A small nodule is seen in the right upper lobe."] * 40)
 
 
-def raw_row(key: str, report: str) -> dict:
-    meta = {"labels": [0] * len(LABELS), "spacing": [5.0, 6.0, 6.0], "depth": 12}
-    row = {name.split(".", 1)[1]: data for name, data in encode_sample(key, np.zeros((12, 16, 16)), report, meta)}
+def raw_row(key: str, report: str, volume: np.ndarray | None = None) -> dict:
+    volume = np.zeros((12, 16, 16)) if volume is None else volume
+    meta = {"labels": [0] * len(LABELS), "spacing": [5.0, 6.0, 6.0], "depth": len(volume)}
+    row = {name.split(".", 1)[1]: data for name, data in encode_sample(key, volume, report, meta)}
     return {"__key__": key, **row}
 
 
@@ -54,3 +55,31 @@ def test_int16_collate_normalised_on_the_device_equals_the_float_collate():
         assert torch.equal(normalise_tensor(raw["volume"], window), ref["volume"])
         assert torch.equal(raw["depths"], ref["depths"])
         assert (ref["volume"][0, 0, 5:] == -1).all()
+
+
+def test_normalising_in_the_loader_equals_normalising_on_the_device(tmp_path):
+    """data.normalise_in=loader: float32 rows from Ray Data's map; the collated batch is bitwise the one the
+    training loop makes from int16 rows on the device (and the evaluation's host-side collate)."""
+    import torch
+
+    from volvlp_ray.data.pipeline import collate, normalise_tensor
+
+    tok = build_tokenizer([SHORT, LONG] * 5, vocab_size=200)
+    tok.save_pretrained(tmp_path / "tok")
+    rng = np.random.default_rng(3)
+    raws = [raw_row(f"valid_{i}_a_1", SHORT, rng.integers(-1500, 2500, size=(d, 16, 16)).astype(np.int16))
+            for i, d in enumerate((8, 13, 4))]
+    window = (-160.0, 240.0)
+    common = ["model.patch=[4,16,16]", "data.in_plane_size=16", f"data.hu_window=[{window[0]},{window[1]}]"]
+    batches = {}
+    for where in ("device", "loader"):
+        to_row = _ToRow(load_config(None, [*common, f"data.normalise_in={where}"]), str(tmp_path / "tok"), False)
+        rows = [to_row(r)[0] for r in raws]
+        batch = {k: np.array([r[k] for r in rows]) for k in rows[0] if k != "volume"}
+        batch["volume"] = np.empty(len(rows), dtype=object)
+        batch["volume"][:] = [r["volume"] for r in rows]
+        batches[where] = collate(batch, 4, window, hu=True)
+    assert batches["device"]["volume"].dtype == torch.int16 and batches["loader"]["volume"].dtype == torch.float32
+    on_device = normalise_tensor(batches["device"]["volume"], window)
+    assert torch.equal(batches["loader"]["volume"], on_device)
+    assert (on_device[2, 0, 4:] == -1).all() and on_device.abs().max() <= 1

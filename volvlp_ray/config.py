@@ -74,6 +74,10 @@ class DataConfig:
     bucket_pool: int = 4
     """Depth bucketing: the training stream is read in pools of this many batches, each pool sorted by depth and
     cut into batches (yielded in seeded random order), so a batch pads to a near-equal depth; 1 = off."""
+    normalise_in: str = "device"
+    """Where int16 HU becomes [-1, 1] over ``hu_window``: "device" (the training loop, on the GPU: volumes cross
+    the object store and the host-to-device link as int16, half the bytes) or "loader" (Ray Data, as float32).
+    The same values either way (bitwise)."""
     reader: str = "shards"
     """How Ray Data reads the shard tars: "shards" (``data/reader.py``: one read per tar member) or "webdataset"
     (``ray.data.read_webdataset``, ``tarfile`` stream mode). The same rows either way; "shards" is faster."""
@@ -321,6 +325,7 @@ _CHOICES = {
     ("data", "text_mode"): ("report", "organ"),
     ("data", "organ_extents"): ("auto", "csv", "segmentation", "none"),
     ("data", "reader"): ("shards", "webdataset"),
+    ("data", "normalise_in"): ("device", "loader"),
 }
 
 

@@ -23,11 +23,12 @@ same rows as ``read``), to show where the time goes.
 vision padding <= 10 %. (a) is given both ways: against the disk (``loader_vs_cold_raw_mbps``; what a training
 run reads from, its data being far larger than memory) and against the page cache (``loader_vs_raw_mbps``,
 memory bandwidth). The loader is timed on warm shards either way, so it never waits on the disk itself.
-``--ct-rate-scale`` makes the volumes CT-RATE-sized (~80 MB each); the default 64² volumes (~0.3 MB) measure
-per-sample overhead rather than bandwidth.
+``--scale ct-rate`` (the default) makes the volumes CT-RATE-sized (0.75 x 0.75 x 1.5 mm, 480 in-plane, ~80 MB
+each; patch 10 x 20 x 20; 24 training volumes, 1.9 GB of shards); ``--scale small`` uses the embedded default's
+64² volumes (~0.3 MB; 200 of them), which measure per-sample overhead rather than bandwidth.
 
-Usage: ``python jobs/benchmark.py data --out FILE.json [--volumes 200] [--ct-rate-scale] [--workspace DIR] [key=value ...]``
-(CT-RATE scale as measured: ``--ct-rate-scale --volumes 24 --val-volumes 2 --baseline-volumes 6 --batch-size 4``).
+Usage: ``python jobs/benchmark.py data --out FILE.json [--scale ct-rate|small] [--volumes N] [--workspace DIR]
+[key=value ...]``; a ``--workspace`` keeps the data and shards for the next run.
 """
 
 from __future__ import annotations
@@ -234,23 +235,29 @@ def run(out: str | None = None, volumes: int = 200, val_volumes: int = 8, worksp
             tmp.cleanup()
 
 
+# per scale: --volumes, --val-volumes, --baseline-volumes, --batch-size, overrides
+SCALES = {"ct-rate": (24, 2, 6, 4, CT_RATE_SCALE), "small": (200, 8, 50, 8, [])}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="write the JSON report here")
-    parser.add_argument("--volumes", type=int, default=200, help="synthetic training volumes")
-    parser.add_argument("--val-volumes", type=int, default=8, help="synthetic held-out volumes (not timed)")
+    parser.add_argument("--scale", choices=sorted(SCALES), default="ct-rate",
+                        help="ct-rate: CT-RATE-sized volumes (0.75 x 0.75 x 1.5 mm, 480 in-plane, ~80 MB each; patch "
+                             "10 x 20 x 20); small: the embedded default's 64² volumes (default: ct-rate)")
+    parser.add_argument("--volumes", type=int, default=None, help="synthetic training volumes (ct-rate 24, small 200)")
+    parser.add_argument("--val-volumes", type=int, default=None, help="synthetic held-out volumes, not timed (2 / 8)")
     parser.add_argument("--workspace", default=None, help="keep data and shards here (default: a temp dir)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--baseline-volumes", type=int, default=50, help="volumes timed for the NIfTI baseline")
-    parser.add_argument("--ct-rate-scale", action="store_true",
-                        help="volumes as CT-RATE's preprocessing makes them (0.75 x 0.75 x 1.5 mm, 480 in-plane, "
-                             "~80 MB each; patch 10 x 20 x 20); use with few --volumes")
+    parser.add_argument("--batch-size", type=int, default=None, help="(4 / 8)")
+    parser.add_argument("--baseline-volumes", type=int, default=None,
+                        help="volumes timed for the NIfTI baseline (6 / 50)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.in_plane_size=96")
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    report = run(out=args.out, volumes=args.volumes, val_volumes=args.val_volumes, workspace=args.workspace,
-                 batch_size=args.batch_size, baseline_volumes=args.baseline_volumes,
-                 overrides=(CT_RATE_SCALE if args.ct_rate_scale else []) + list(args.overrides))
+    defaults = dict(zip(("volumes", "val_volumes", "baseline_volumes", "batch_size"), SCALES[args.scale][:4]))
+    given = {k: getattr(args, k) for k in defaults if getattr(args, k) is not None}
+    report = run(out=args.out, workspace=args.workspace, overrides=list(SCALES[args.scale][4]) + list(args.overrides),
+                 **{**defaults, **given})
     print(json.dumps({"ratios": report["ratios"], "meets_target": report["meets_target"],
                       "raw_mb_per_s": report["raw_read"]["mb_per_s"],
                       "nifti_volumes_per_s": report["nifti_baseline"]["volumes_per_s"],

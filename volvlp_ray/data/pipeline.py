@@ -4,9 +4,10 @@
     for batch in ds.iter_batches(batch_size=16, batch_format="numpy"):
         tensors = collate(batch, patch_z=4, hu_window=(-1000, 1000))
 
-Rows keep volumes as int16 (half the object-store traffic of float32); ``collate`` pads depth at the end to a
-common multiple of the z patch (with air) and returns ``depths`` for masking, and normalises to [-1, 1] (or, with
-``hu=True``, as the training loop uses it, leaves int16 HU for ``normalise_tensor`` on the device).
+Rows keep volumes as int16 (half the object-store traffic of float32; ``data.normalise_in=loader`` makes them
+float32 in [-1, 1] here instead); ``collate`` pads depth at the end to a common multiple of the z patch (with air)
+and returns ``depths`` for masking, and normalises to [-1, 1] (or, with ``hu=True``, as the training loop uses it,
+leaves int16 HU for ``normalise_tensor`` on the device).
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class _ToRow:
         self.max_len = cfg.data.max_text_length
         self.seed = cfg.seed
         self.findings = training and cfg.loss.negation_pairs > 0  # only the negation-pair loss reads them
+        self.hu_window = tuple(cfg.data.hu_window) if cfg.data.normalise_in == "loader" else None
         self.tokenizer_dir = tokenizer_dir
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -125,7 +127,8 @@ class _ToRow:
             truncated = bool(tok.get("overflowing_tokens"))
         row = {
             "key": s["key"],
-            "volume": np.ascontiguousarray(vol),
+            # int16 HU, or with data.normalise_in=loader float32 in [-1, 1]
+            "volume": np.ascontiguousarray(vol) if self.hu_window is None else normalise(vol, self.hu_window),
             "depth": int(n),
             "input_ids": np.asarray(ids, dtype=np.int32),
             "attention_mask": np.asarray(mask, dtype=np.int8),
@@ -235,7 +238,8 @@ def collate(batch: dict[str, np.ndarray], patch_z: int, hu_window: tuple[float, 
 
     Returns ``volume`` (B, 1, D, H, W) float32 in [-1, 1] with D the largest depth rounded up to a multiple of
     ``patch_z`` (padding with air, -1); with ``hu=True`` int16 HU instead, padded with the window's low end
-    (``normalise_tensor`` then gives what ``hu=False`` gives). Also ``depths`` (B,), ``input_ids``/``attention_mask`` (B, T) int64,
+    (``normalise_tensor`` then gives what ``hu=False`` gives). Rows the loader normalised (float volumes,
+    ``data.normalise_in=loader``) are padded as they are, float32, whatever ``hu`` says. Also ``depths`` (B,), ``input_ids``/``attention_mask`` (B, T) int64,
     ``labels`` (B, L), ``study_id`` (B,), ``z_center_mm`` (B,), ``text_truncated`` (B,) bool, and when the
     rows have them ``findings`` (B, L) int8 (-1 not mentioned, 0 negated, 1 affirmed by the text).
     """
@@ -243,7 +247,11 @@ def collate(batch: dict[str, np.ndarray], patch_z: int, hu_window: tuple[float, 
     depths = np.asarray([v.shape[0] for v in vols], dtype=np.int64)
     d_max = int(-(-depths.max() // patch_z) * patch_z)
     h, w = vols[0].shape[1:]
-    if hu:
+    if np.issubdtype(vols[0].dtype, np.floating):  # normalised by the loader (data.normalise_in=loader)
+        out = np.full((len(vols), 1, d_max, h, w), -1.0, dtype=np.float32)
+        for i, v in enumerate(vols):
+            out[i, 0, : v.shape[0]] = v
+    elif hu:
         out = np.full((len(vols), 1, d_max, h, w), int(np.clip(np.floor(hu_window[0]), -32768, 32767)),
                       dtype=np.int16)
         for i, v in enumerate(vols):

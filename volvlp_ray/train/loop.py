@@ -188,7 +188,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 continue
             wait_time += time.perf_counter() - t_wait
             b = {k: v.to(device, non_blocking=True) for k, v in collate(np_batch, patch_z, hu_window, hu=True).items()}
-            b["volume"] = normalise_tensor(b["volume"], hu_window, dtype)  # int16 HU -> [-1, 1], on the device
+            if b["volume"].dtype == torch.int16:  # int16 HU -> [-1, 1], on the device (data.normalise_in=device)
+                b["volume"] = normalise_tensor(b["volume"], hu_window, dtype)
+            else:  # normalised by the loader
+                b["volume"] = b["volume"].to(dtype)
             meta = {k: b[k] for k in loss_fn.meta_keys}
             if grad_cache is None:
                 pair_inputs = {}
