@@ -24,7 +24,6 @@ import copy
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from volvlp_ray.config import Config, ConfigError, config_from_dict, config_to_dict, dump_yaml, parse_override

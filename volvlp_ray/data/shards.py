@@ -218,8 +218,7 @@ def decode_sample(row: dict[str, Any]) -> dict[str, Any]:
     """Raw tar members (bytes) -> ``volume`` (int16 ndarray), ``report`` (str), ``meta`` (dict).
 
     Never unpickles (``npy_view``); the volume is a read-only view of the member's bytes. Raises
-    :class:`DecodeError` with the key and the
-    reason for anything unusable.
+    :class:`DecodeError` with the key and the reason for anything unusable.
     """
     key = row.get("__key__", "?")
     for member in ("volume.npy", "report.txt", "meta.json"):
