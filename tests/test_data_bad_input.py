@@ -13,7 +13,8 @@ import numpy as np
 from volvlp_ray.config import load_config
 from volvlp_ray.data import synthetic
 from volvlp_ray.data.ctrate import LABELS, csv_paths, read_split
-from volvlp_ray.data.shards import encode_sample, write_group_shards, write_json_atomic
+from volvlp_ray.data.shards import encode_sample, write_group_shards
+from volvlp_ray.data.storage import write_json
 
 META = {"spacing": [8.0, 6.0, 6.0], "z_origin_mm": 0.0, "labels": [0] * len(LABELS)}
 
@@ -39,7 +40,7 @@ def test_truncated_shard_is_skipped_with_an_error_and_intact_shards_keep_every_s
                             for n, d in _sample("train_91_a_1")])
         specs += write_group_shards(split, g, samples, max_bytes=1 << 30)
     specs += write_group_shards(split, 3, [_sample(f"train_3_a_{i}") for i in range(4)], max_bytes=1 << 30)
-    write_json_atomic(split / "manifest.json", {"shards": specs})
+    write_json(split / "manifest.json", {"shards": specs})
     victim = split / specs[-1]["name"]
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) // 2])  # cut a real shard in half

@@ -152,7 +152,8 @@ def test_pickled_sample_is_dropped_by_the_training_stream(ray_session, tmp_path)
     from volvlp_ray.config import load_config
     from volvlp_ray.data.ctrate import LABELS
     from volvlp_ray.data.pipeline import build_dataset
-    from volvlp_ray.data.shards import encode_sample, write_group_shards, write_json_atomic
+    from volvlp_ray.data.shards import encode_sample, write_group_shards
+    from volvlp_ray.data.storage import write_json
     from volvlp_ray.models.text import build_tokenizer
 
     marker = tmp_path / "pwned"
@@ -162,7 +163,7 @@ def test_pickled_sample_is_dropped_by_the_training_stream(ray_session, tmp_path)
            for name, data in encode_sample("train_2_a_1", np.zeros((8, 64, 64), np.int16), "Cardiomegaly.", meta)]
     split = tmp_path / "shards" / "train"
     specs = write_group_shards(split, 0, [bad, good], max_bytes=1 << 30)
-    write_json_atomic(split / "manifest.json", {"shards": specs})
+    write_json(split / "manifest.json", {"shards": specs})
     tok_dir = tmp_path / "tokenizer"
     build_tokenizer(["No pleural effusion.", "Cardiomegaly."], 50).save_pretrained(str(tok_dir))
     cfg = load_config(None, [f"workspace={tmp_path}", f"data.shards_dir={tmp_path / 'shards'}"])

@@ -25,13 +25,13 @@ from volvlp_ray.config import Config
 from volvlp_ray.data import storage
 from volvlp_ray.data.negation import polarity_vector
 from volvlp_ray.data.organs import chunk_text
-from volvlp_ray.data.reader import read_shards
+from volvlp_ray.data.reader import read_shards, resolve_paths
 from volvlp_ray.data.shards import DecodeError, decode_sample, intact_shards
 from volvlp_ray.data.transforms import normalise
 
 __all__ = [
     "TrainDatasetFactory", "build_dataset", "collate", "latest_progress", "normalise_tensor", "read_corpus",
-    "read_split", "shard_files", "study_id",
+    "read_samples", "shard_files", "study_id",
 ]
 
 log = logging.getLogger(__name__)
@@ -44,19 +44,17 @@ def shard_files(cfg: Config, split: str) -> list[str]:
     return intact_shards(storage.child(storage.normalise(cfg.shards_path), split))
 
 
-def read_split(cfg: Config, files: list[str], **kwargs: Any):
+def read_samples(cfg: Config, files: list[str], **kwargs: Any):
     """The shards as a Ray Dataset of raw samples (``__key__``, ``volume.npy``/``report.txt``/``meta.json``
     bytes, ``__url__``), read the way ``data.reader`` says. Shards on an object store: the read tasks get the
-    driver's storage credentials (a cluster with instance roles has none to pass)."""
-    env = storage.credential_env() if files and storage.is_uri(files[0]) else {}
+    driver's storage credentials (``storage.task_runtime_env``)."""
+    env = storage.task_runtime_env(*files)
     if env:
-        kwargs["runtime_env"] = {"env_vars": env}
+        kwargs["runtime_env"] = env
     if cfg.data.reader == "webdataset":
         import ray.data
 
-        if files and storage.is_uri(files[0]):
-            kwargs["filesystem"] = storage.resolve(files[0])[0]
-            files = [storage.resolve(f)[1] for f in files]
+        kwargs["filesystem"], files = resolve_paths(files)
         return ray.data.read_webdataset(files, decoder=None, **kwargs)
     return read_shards(files, **kwargs)
 
@@ -156,7 +154,7 @@ def build_dataset(cfg: Config, split: str, tokenizer_dir: str, training: bool | 
         from ray.data import FileShuffleConfig
 
         kwargs["shuffle"] = FileShuffleConfig(seed=cfg.seed, reseed_after_execution=True)
-    ds = read_split(cfg, files, override_num_blocks=len(files), **kwargs)
+    ds = read_samples(cfg, files, override_num_blocks=len(files), **kwargs)
     if training and first_epoch:
         # The per-pass file order is seeded with (seed, execution index) and the index counts passes over
         # this Dataset object; a Dataset built for a resumed run starts counting at the resumed epoch.
@@ -221,7 +219,7 @@ def latest_progress(run_dir: str) -> dict[str, Any] | None:
 def read_corpus(cfg: Config, split: str = "train") -> list[str]:
     """Report texts of a split (to build a tokenizer for a scratch text tower)."""
     files = shard_files(cfg, split)
-    ds = read_split(cfg, files, suffixes=["report.txt"])
+    ds = read_samples(cfg, files, suffixes=["report.txt"])
     return [r["report.txt"].decode("utf-8", errors="replace") for r in ds.iter_rows()]
 
 
@@ -248,18 +246,14 @@ def collate(batch: dict[str, np.ndarray], patch_z: int, hu_window: tuple[float, 
     d_max = int(-(-depths.max() // patch_z) * patch_z)
     h, w = vols[0].shape[1:]
     if np.issubdtype(vols[0].dtype, np.floating):  # normalised by the loader (data.normalise_in=loader)
-        out = np.full((len(vols), 1, d_max, h, w), -1.0, dtype=np.float32)
-        for i, v in enumerate(vols):
-            out[i, 0, : v.shape[0]] = v
-    elif hu:
-        out = np.full((len(vols), 1, d_max, h, w), int(np.clip(np.floor(hu_window[0]), -32768, 32767)),
-                      dtype=np.int16)
-        for i, v in enumerate(vols):
-            out[i, 0, : v.shape[0]] = v
+        air, dtype, convert = -1.0, np.float32, None
+    elif hu:  # int16 HU for normalise_tensor on the device; air is the window's low end
+        air, dtype, convert = int(np.clip(np.floor(hu_window[0]), -32768, 32767)), np.int16, None
     else:
-        out = np.full((len(vols), 1, d_max, h, w), -1.0, dtype=np.float32)
-        for i, v in enumerate(vols):
-            out[i, 0, : v.shape[0]] = normalise(v, hu_window)
+        air, dtype, convert = -1.0, np.float32, lambda v: normalise(v, hu_window)
+    out = np.full((len(vols), 1, d_max, h, w), air, dtype=dtype)
+    for i, v in enumerate(vols):
+        out[i, 0, : v.shape[0]] = v if convert is None else convert(v)
     extra = {}
     if "findings" in batch:
         extra["findings"] = torch.as_tensor(np.stack(list(batch["findings"])), dtype=torch.int8)

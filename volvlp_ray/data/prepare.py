@@ -166,11 +166,8 @@ def prepare_shards(source: str | os.PathLike, out: str | os.PathLike, cfg: Confi
     opts = prepare_options(cfg)
     sid = source_id(source)
     task_opts = {**opts, "label_table": {str(k): v for k, v in label_table(cfg.data.segmentation_labels).items()}}
-    remote_args: dict[str, Any] = {}
-    if storage.is_uri(source) or storage.is_uri(out):
-        env = storage.credential_env()
-        if env:  # tasks run in other processes (other nodes): they get the driver's storage credentials
-            remote_args["runtime_env"] = {"env_vars": env}
+    env = storage.task_runtime_env(source, out)  # tasks run in other processes (other nodes)
+    remote_args: dict[str, Any] = {"runtime_env": env} if env else {}
     summary = {}
     for split in SPLITS:
         t0 = time.time()

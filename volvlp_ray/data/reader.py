@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 from ray.data.datasource import FileBasedDatasource
 
-__all__ = ["ShardReadError", "ShardDatasource", "iter_members", "read_shards"]
+__all__ = ["ShardReadError", "ShardDatasource", "iter_members", "iter_samples", "read_shards", "resolve_paths"]
 
 _RECORD = 512
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset: the key ends at the base name's first "."
@@ -154,21 +154,26 @@ class ShardDatasource(FileBasedDatasource):
             yield pd.DataFrame.from_records(rows)
 
 
+def resolve_paths(paths: list[str]):
+    """``(pyarrow filesystem, paths inside it)`` for shard locations on one filesystem (``storage.resolve``),
+    as Ray Data's file readers take them: options in a URI's query (``?endpoint_override=...``) reach the
+    filesystem."""
+    from volvlp_ray.data import storage
+
+    if not paths:
+        raise ValueError("no shard paths")
+    return storage.resolve(paths[0])[0], [storage.resolve(p)[1] for p in paths]
+
+
 def read_shards(paths: list[str], *, suffixes: list[str] | None = None, shuffle: Any = None,
                 override_num_blocks: int | None = None, runtime_env: dict[str, Any] | None = None):
     """``ray.data.read_webdataset(paths, decoder=None, ...)``'s Dataset, read with one read per tar member.
 
-    ``paths`` are local paths or locations on one pyarrow filesystem (``storage.resolve``); options in a URI's
-    query (``?endpoint_override=...``) reach the filesystem. ``runtime_env`` goes to the read tasks (for
-    credentials, ``storage.credential_env()``)."""
+    ``paths`` are local paths or locations on one pyarrow filesystem (``resolve_paths``). ``runtime_env`` goes
+    to the read tasks (for credentials, ``storage.task_runtime_env``)."""
     import ray.data
 
-    from volvlp_ray.data import storage
-
-    if not paths:
-        raise ValueError("read_shards: no shard paths")
-    filesystem, _ = storage.resolve(paths[0])
-    resolved = [storage.resolve(p)[1] for p in paths]
+    filesystem, resolved = resolve_paths(paths)
     source = ShardDatasource(resolved, suffixes=suffixes, filesystem=filesystem, shuffle=shuffle)
     kwargs: dict[str, Any] = {}
     if runtime_env:

@@ -40,7 +40,6 @@ __all__ = [
     "npy_view",
     "read_manifest",
     "write_group_shards",
-    "write_json_atomic",
 ]
 
 
@@ -51,18 +50,6 @@ class DecodeError(ValueError):
 log = logging.getLogger(__name__)
 
 ShardSpec = dict  # {"name": str, "samples": int, "bytes": int, "sha256": str}
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON under a temporary name and rename it into place; a URI: one upload (``storage.write_json``)."""
-    if storage.is_uri(path):
-        storage.write_json(path, obj)
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False))
-    os.replace(tmp, path)
 
 
 def encode_sample(key: str, volume: np.ndarray, report: str, meta: dict) -> list[tuple[str, bytes]]:
@@ -150,15 +137,10 @@ def write_group_shards(
 
 def read_manifest(split_dir: str | os.PathLike) -> dict:
     """The split's ``manifest.json`` (``split_dir`` local or a URI)."""
-    if storage.is_uri(split_dir):
-        path = storage.child(str(split_dir), "manifest.json")
-        if not storage.is_file(path):
-            raise FileNotFoundError(f"no shard manifest at {storage.redact(path)}; run jobs/prepare_data.py first")
-        return storage.read_json(path)
-    path = Path(split_dir) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no shard manifest at {path}; run jobs/prepare_data.py first")
-    return json.loads(path.read_text())
+    path = storage.child(str(split_dir), "manifest.json")
+    if not storage.is_file(path):
+        raise FileNotFoundError(f"no shard manifest at {storage.redact(path)}; run jobs/prepare_data.py first")
+    return storage.read_json(path)
 
 
 def intact_shards(split_dir: str | os.PathLike) -> list[str]:

@@ -53,6 +53,7 @@ __all__ = [
     "redact",
     "resolve",
     "size",
+    "task_runtime_env",
     "upload_file",
     "write_bytes",
     "write_json",
@@ -333,3 +334,11 @@ def nifti_shape(location: str | os.PathLike) -> tuple[int, ...]:
 def credential_env() -> dict[str, str]:
     """The storage credential variables set in this process (forwarded to Ray tasks' ``runtime_env``)."""
     return {k: os.environ[k] for k in _CREDENTIAL_VARS if os.environ.get(k)}
+
+
+def task_runtime_env(*locations: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``runtime_env`` for Ray tasks that reach ``locations`` from their own processes (other nodes): the
+    driver's storage credentials when any location is a URI; None when none is, or there is nothing to pass (a
+    cluster with instance roles)."""
+    env = credential_env() if any(is_uri(loc) for loc in locations) else {}
+    return {"env_vars": env} if env else None
