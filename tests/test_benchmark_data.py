@@ -19,7 +19,8 @@ def test_data_benchmark_measures_all_three_paths_and_the_padding(ray_session, tm
     shard_files = sorted(split.glob("*.tar"))
     assert raw["bytes"] == sum(p.stat().st_size for p in shard_files) and raw["mb_per_s"] > 0
     assert base["volumes"] == 3 and base["volumes_per_s"] > 0
-    for p in (loader, report["loader_first_pass"]):
+    assert report["config"]["volume_transport"] == "direct"
+    for p in (loader, report["loader_first_pass"], report["loader_object_store"]):
         assert p["volumes"] == 8 and p["batches"] == 1
     assert math.isclose(report["ratios"]["loader_vs_raw_mbps"], loader["shard_mb_per_s"] / raw["mb_per_s"])
     assert math.isclose(report["ratios"]["loader_vs_nifti_volumes_per_s"],
@@ -36,8 +37,10 @@ def test_data_benchmark_measures_all_three_paths_and_the_padding(ray_session, tm
     assert len(set(depths)) > 1 and expected > 0
     assert math.isclose(loader["vision_padding_fraction"], expected)
     assert math.isclose(loader["vision_padding_fraction_unbucketed"], expected)  # one batch either way
+    assert report["loader_object_store"]["vision_padding_fraction"] == loader["vision_padding_fraction"]
     assert loader["depth_slices"] == {"min": min(depths), "median": float(sorted(depths)[3] + sorted(depths)[4]) / 2,
                                       "max": max(depths)}
     assert 0 < loader["text_padding_fraction"] < 1
     assert set(report["meets_target"]) == set(report["targets"])
-    assert {k: v["rows"] for k, v in report["loader_stages"].items()} == {"read": 8, "rows": 8, "read_webdataset": 8}
+    assert {k: v["rows"] for k, v in report["loader_stages"].items()} == {"read": 8, "rows": 8, "rows_direct": 8,
+                                                                          "read_webdataset": 8}

@@ -145,7 +145,8 @@ def test_prepare_job_on_s3_equals_the_local_job(s3, tmp_path, capsys):
     def rows(cfg, split):
         return {r["key"]: r for r in build_dataset(cfg, split, tokenizer, training=False).iter_rows()}
 
-    cfg_wds = load_config(None, [*overrides, f"data.shards_dir={s3_out}", "data.reader=webdataset"])
+    cfg_wds = load_config(None, [*overrides, f"data.shards_dir={s3_out}", "data.reader=webdataset",
+                                       "data.volume_transport=object_store"])
     for split, n in (("train", 3), ("valid", 1)):
         local = rows(cfg_local, split)
         assert len(local) == n
@@ -154,6 +155,17 @@ def test_prepare_job_on_s3_equals_the_local_job(s3, tmp_path, capsys):
             for key, row in local.items():
                 assert np.array_equal(remote[key]["volume"], row["volume"])
                 assert np.array_equal(remote[key]["input_ids"], row["input_ids"])
+    # the training stream (data.volume_transport=direct) carries where the voxels lie on S3; collate reads them
+    from volvlp_ray.data.pipeline import collate
+
+    local = rows(cfg_local, "train")
+    direct = list(build_dataset(cfg_s3, "train", tokenizer, training=True).iter_rows())
+    assert sorted(r["key"] for r in direct) == sorted(local)
+    for r in direct:
+        assert "volume" not in r and r["volume_location"].startswith(f"s3://{BUCKET}/shards/train/shard-")
+        assert r["volume_location"].endswith(f"?{query}")
+        batch = collate({k: np.asarray([v]) for k, v in r.items()}, 4, (-1000, 1000), hu=True)
+        assert np.array_equal(batch["volume"][0, 0, :r["depth"]].numpy(), local[r["key"]]["volume"])
     assert resolve_data(cfg_local, s3_out, "valid")[0].data.shards_dir == s3_out  # jobs/evaluate.py --data s3://...
     assert resolve_data(cfg_local, storage.child(s3_out, "valid"), "test")[1:] == ("valid", "shards_valid")
 

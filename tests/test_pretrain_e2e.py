@@ -101,7 +101,7 @@ def test_second_run_reuses_data(tiny_run):
     ws, _ = tiny_run
     # (and trains on volumes normalised in Ray Data rather than on the device: not a shard option, shards reused)
     p = run_job(f"workspace={ws}", "run_name=e2e-again", "train.steps=2", "train.checkpoint_every=2",
-                "eval.at_end=false", "data.normalise_in=loader")
+                "eval.at_end=false", "data.normalise_in=loader", "data.volume_transport=object_store")
     assert p.returncode == 0
     out = p.stdout + p.stderr
     assert "synthetic dataset already at" in out and "shards ready" in out and "tokenizer built" not in out

@@ -7,7 +7,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from volvlp_ray.data.reader import ShardReadError, iter_members, iter_samples, read_shards
+from volvlp_ray.data.reader import MemberRef, ShardReadError, iter_members, iter_samples, read_shards
 from volvlp_ray.data.shards import npy_view
 
 
@@ -83,6 +83,29 @@ def test_damaged_tars_raise_with_the_offset():
         list(iter_members(io.BytesIO(bytes(bad)), "t.tar"))
     # a tar cut exactly after a member (no end-of-archive records) is read to there, as tarfile does
     assert [n for n, _ in iter_members(io.BytesIO(data[:2048]))] == ["s1.volume.npy"]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_members_by_reference_point_at_their_bytes(fmt):
+    """``refs``: a member comes as where its data lies (and its first bytes), the others as they are."""
+    big = ("deep/" + "e" * 120 + "/s5.volume.npy", bytes(range(7, 250)) * 40)  # a long name, > 4096 bytes
+    members = [m for m in [*MEMBERS, big] if fmt != tarfile.USTAR_FORMAT or len(m[0]) < 100]
+    data = _tar(members, fmt)
+    got = list(iter_members(io.BytesIO(data), "t.tar", refs=("volume.npy",)))
+    assert [n for n, _ in got] == [n for n, _ in members]
+    for (name, value), (_, ref_bytes) in zip(got, members):
+        if name.endswith(".volume.npy"):
+            assert isinstance(value, MemberRef) and value.size == len(ref_bytes)
+            assert data[value.offset:value.offset + value.size] == ref_bytes
+            assert value.head == ref_bytes[:4096]
+        else:
+            assert value == ref_bytes
+    sample = next(iter_samples(io.BytesIO(data), "t.tar", refs=("volume.npy",)))
+    assert sample["volume.npy"] == MEMBERS[0][1] and sample["volume.npy.size"] == len(MEMBERS[0][1])
+    assert data[sample["volume.npy.offset"]:][:len(MEMBERS[0][1])] == MEMBERS[0][1]
+    # a member cut short is an error here too, although its bytes are not read
+    with pytest.raises(ShardReadError, match=r"truncated tar: member 's1\.volume\.npy' at byte 512 .* ends at byte 900"):
+        list(iter_members(io.BytesIO(data[:900]), "t.tar", refs=("volume.npy",)))
 
 
 def test_samples_group_adjacent_members():

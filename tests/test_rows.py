@@ -73,7 +73,7 @@ def test_normalising_in_the_loader_equals_normalising_on_the_device(tmp_path):
     common = ["model.patch=[4,16,16]", "data.in_plane_size=16", f"data.hu_window=[{window[0]},{window[1]}]"]
     batches = {}
     for where in ("device", "loader"):
-        to_row = _ToRow(load_config(None, [*common, f"data.normalise_in={where}"]), str(tmp_path / "tok"), False)
+        to_row = _ToRow(load_config(None, [*common, f"data.normalise_in={where}", "data.volume_transport=object_store"]), str(tmp_path / "tok"), False)
         rows = [to_row(r)[0] for r in raws]
         batch = {k: np.array([r[k] for r in rows]) for k in rows[0] if k != "volume"}
         batch["volume"] = np.empty(len(rows), dtype=object)

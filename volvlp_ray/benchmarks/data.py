@@ -8,16 +8,20 @@ On shards made from ``--volumes`` synthetic volumes (made with the same code as 
     loader finds them; the ratio target is taken against this one);
 (b) ``nifti_baseline``: what CT-CLIP-style loaders do per sample in ``__getitem__``: load the NIfTI volume,
     rescale, reorient, resample, window, crop/pad (``preprocess_volume``), one process, volumes/s;
-(c) ``loader``: ``build_dataset`` (``reader.read_shards`` -> decode -> chunk + text -> tokenise) ->
-    ``iter_batches`` -> depth bucketing (``data.bucket_pool``) -> ``collate``, two full passes over the training
-    split (the second is ``loader``, the first, with Ray Data's start-up in it, ``loader_first_pass``),
-    volumes/s and MB/s of shard bytes; plus the fraction of padded tokens in collated batches: vision tokens
-    (depth padded to the deepest volume of the batch; also without bucketing, for comparison) and text tokens
-    (padded to ``data.max_text_length``).
+(c) ``loader``: the training stream as the training loop reads it: ``build_dataset`` (``reader.read_shards`` ->
+    decode -> chunk + text -> tokenise) -> ``iter_batches`` -> depth bucketing (``data.bucket_pool``) ->
+    ``collate``, two full passes over the training split (the second is ``loader``, the first, with Ray Data's
+    start-up in it, ``loader_first_pass``), volumes/s and MB/s of shard bytes; plus the fraction of padded
+    tokens in collated batches: vision tokens (depth padded to the deepest volume of the batch; also without
+    bucketing, for comparison) and text tokens (padded to ``data.max_text_length``). With the default
+    ``data.volume_transport=direct`` the rows carry where the voxels lie and ``collate`` reads them from the
+    shards; ``loader_object_store`` times the same stream with the voxels carried through Ray Data
+    (``data.volume_transport=object_store``), for comparison.
 
 ``loader_stages`` times the loader's first stages alone on the same shards (``read``: the tar reading;
-``rows``: + decode, chunk + text, tokenise; and ``read_webdataset``: Ray Data's own tar reading, which gives the
-same rows as ``read``), to show where the time goes.
+``rows``: + decode, chunk + text, tokenise, voxels carried; ``rows_direct``: the same rows carrying where the
+voxels lie instead; and ``read_webdataset``: Ray Data's own tar reading, which gives the same rows as ``read``),
+to show where the time goes.
 
 ``ratios`` compares them with issue #3's targets: loader >= 60 % of (a) in MB/s, >= 10x (b) in volumes/s,
 vision padding <= 10 %. (a) is given both ways: against the disk (``loader_vs_cold_raw_mbps``; what a training
@@ -91,10 +95,11 @@ def _nifti_baseline(source: str, cfg, limit: int) -> dict[str, Any]:
             "nifti_mb_per_s": in_bytes / 1e6 / dt, "output_mb_per_s": out_bytes / 1e6 / dt, "processes": 1}
 
 
-def _stages(cfg, tokenizer_dir: str, shard_bytes: int) -> dict[str, Any]:
+def _stages(cfg, cfg_carried, tokenizer_dir: str, shard_bytes: int) -> dict[str, Any]:
     """Where the loader's time goes: the same shards through the first stages only, MB/s of shard bytes each:
-    ``read`` (``reader.read_shards``, raw tar members), ``rows`` (+ decode, chunk + text, tokenise), and
-    ``read_webdataset`` (Ray Data's own tar reading, the same rows as ``read``, for comparison)."""
+    ``read`` (``reader.read_shards``, raw tar members), ``rows`` (+ decode, chunk + text, tokenise; voxels
+    carried, ``cfg_carried``), ``rows_direct`` (the rows of ``cfg``'s direct transport: where the voxels lie,
+    not the voxels), and ``read_webdataset`` (Ray Data's own tar reading, the same rows as ``read``)."""
     import ray.data
 
     from volvlp_ray.data.pipeline import build_dataset, shard_files
@@ -103,7 +108,8 @@ def _stages(cfg, tokenizer_dir: str, shard_bytes: int) -> dict[str, Any]:
     out = {}
     files = shard_files(cfg, "train")
     for name, ds in (("read", read_shards(files)),
-                     ("rows", build_dataset(cfg, "train", tokenizer_dir, training=True)),
+                     ("rows", build_dataset(cfg_carried, "train", tokenizer_dir, training=True)),
+                     ("rows_direct", build_dataset(cfg, "train", tokenizer_dir, training=True)),
                      ("read_webdataset", ray.data.read_webdataset(files, decoder=None))):
         for attempt in range(2):  # the second pass is timed (workers up)
             n, t0 = 0, time.perf_counter()
@@ -179,9 +185,9 @@ def run(out: str | None = None, volumes: int = 200, val_volumes: int = 8, worksp
         tmp = tempfile.TemporaryDirectory(prefix="volvlp-bench-data-")
         workspace = tmp.name
     try:
-        cfg = load_config(None, [f"workspace={os.path.abspath(workspace)}", "data.source=synthetic",
-                                 f"data.num_volumes={volumes}", f"data.num_val_volumes={val_volumes}",
-                                 *(overrides or [])])
+        settings = [f"workspace={os.path.abspath(workspace)}", "data.source=synthetic", f"data.num_volumes={volumes}",
+                    f"data.num_val_volumes={val_volumes}", *(overrides or [])]
+        cfg = load_config(None, settings)
         if not ray.is_initialized():
             start_local_ray(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level="WARNING")
         t0 = time.perf_counter()
@@ -198,7 +204,10 @@ def run(out: str | None = None, volumes: int = 200, val_volumes: int = 8, worksp
         for p in passes:
             assert p["volumes"] == expected, (p["volumes"], expected)
         loader = passes[1]  # the second pass: Ray Data's workers and the tokenizer are up, as in a training run
-        stages = _stages(cfg, tokenizer_dir, raw["bytes"])
+        cfg_carried = load_config(None, [*settings, "data.volume_transport=object_store"])
+        carried = [_loader(cfg_carried, tokenizer_dir, batch_size, raw["bytes"]) for _ in range(2)][1]
+        assert carried["volumes"] == expected, (carried["volumes"], expected)
+        stages = _stages(cfg, cfg_carried, tokenizer_dir, raw["bytes"])
         ratios = {
             "loader_vs_raw_mbps": loader["shard_mb_per_s"] / raw["mb_per_s"],
             "loader_vs_cold_raw_mbps": loader["shard_mb_per_s"] / raw["cold_mb_per_s"],
@@ -211,12 +220,14 @@ def run(out: str | None = None, volumes: int = 200, val_volumes: int = 8, worksp
                         "python": platform.python_version(), "platform": platform.platform()},
             "config": {"volumes": volumes, "batch_size": batch_size, "spacing": list(cfg.data.spacing),
                        "in_plane_size": cfg.data.in_plane_size, "text_mode": cfg.data.text_mode,
+                       "volume_transport": cfg.data.volume_transport,
                        "max_text_length": cfg.data.max_text_length, "patch": list(cfg.model.patch),
                        "shards": len(files), "shard_bytes": raw["bytes"], "prepare_or_reuse_s": prepare_s},
             "raw_read": raw,
             "nifti_baseline": baseline,
             "loader": loader,
             "loader_first_pass": passes[0],
+            "loader_object_store": carried,
             "loader_stages": stages,
             "ratios": ratios,
             "targets": TARGETS,
@@ -262,5 +273,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                       "raw_mb_per_s": report["raw_read"]["mb_per_s"],
                       "nifti_volumes_per_s": report["nifti_baseline"]["volumes_per_s"],
                       "loader_volumes_per_s": report["loader"]["volumes_per_s"],
-                      "loader_mb_per_s": report["loader"]["shard_mb_per_s"]}, indent=2))
+                      "loader_mb_per_s": report["loader"]["shard_mb_per_s"],
+                      "loader_object_store_mb_per_s": report["loader_object_store"]["shard_mb_per_s"]}, indent=2))
     return report

@@ -34,9 +34,11 @@ from volvlp_ray.data import storage
 __all__ = [
     "DecodeError",
     "ShardSpec",
+    "VolumeRef",
     "decode_sample",
     "encode_sample",
     "intact_shards",
+    "npy_header",
     "npy_view",
     "read_manifest",
     "write_group_shards",
@@ -171,46 +173,100 @@ def intact_shards(split_dir: str | os.PathLike) -> list[str]:
     return good
 
 
+def npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int] | None:
+    """``(shape, fortran_order, dtype, payload offset)`` of an ``.npy`` file that starts with ``data``, or None
+    for a format version other than 1.0 and 2.0. ``ValueError`` for anything that is no ``.npy`` header or
+    declares an object dtype (nothing is unpickled)."""
+    fmt = np.lib.format
+    head = io.BytesIO(data[:65536 + 16])
+    version = fmt.read_magic(head)
+    if version not in ((1, 0), (2, 0)):
+        return None
+    read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(head)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not loaded (they would be unpickled)")
+    return tuple(shape), fortran_order, dtype, head.tell()
+
+
 def npy_view(data: bytes) -> np.ndarray:
     """The array of an ``.npy`` payload as a read-only view of ``data`` (``np.load`` copies it).
 
     ``np.load``'s checks: the format version, no object dtype (nothing is unpickled), and a payload as long
     as the header's shape says (``ValueError`` otherwise). A Fortran-ordered or version-3 file goes through
     ``np.load(..., allow_pickle=False)`` instead."""
-    fmt = np.lib.format
-    head = io.BytesIO(data[:65536 + 16])
-    version = fmt.read_magic(head)
-    if version not in ((1, 0), (2, 0)):
+    header = npy_header(data)
+    if header is None or header[1]:
         return np.load(io.BytesIO(data), allow_pickle=False)
-    read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-    shape, fortran_order, dtype = read_header(head)
-    if dtype.hasobject:
-        raise ValueError("object arrays are not loaded (they would be unpickled)")
-    if fortran_order:
-        return np.load(io.BytesIO(data), allow_pickle=False)
+    shape, _, dtype, offset = header
     count = int(np.prod(shape, dtype=np.int64))
-    offset = head.tell()
     if len(data) - offset < count * dtype.itemsize:
         raise ValueError(f"payload has {len(data) - offset} bytes, shape {shape} of {dtype} needs "
                          f"{count * dtype.itemsize}")
     return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
-def decode_sample(row: dict[str, Any]) -> dict[str, Any]:
+class VolumeRef:
+    """Where an int16 (D, H, W) volume lies in a shard, without its bytes (``data.volume_transport=direct``):
+    ``location`` (a local path or URI, ``storage.py``), ``offset`` (the byte of voxel [0, 0, 0]) and ``shape``.
+    Slicing the depth (``ref[a:b]``) gives the reference of those slices; ``reader.read_volumes`` reads them."""
+
+    __slots__ = ("location", "offset", "shape")
+    dtype = np.dtype("<i2")
+
+    def __init__(self, location: str, offset: int, shape: tuple[int, int, int]):
+        self.location, self.offset, self.shape = location, int(offset), tuple(int(n) for n in shape)
+
+    def __getitem__(self, index: slice) -> "VolumeRef":
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError(f"a VolumeRef takes a contiguous depth slice, not {index!r}")
+        start, stop, _ = index.indices(self.shape[0])
+        stop = max(start, stop)
+        d, h, w = self.shape
+        return VolumeRef(self.location, self.offset + start * h * w * self.dtype.itemsize, (stop - start, h, w))
+
+    def __repr__(self) -> str:
+        return f"VolumeRef({storage.redact(self.location)!r}, offset={self.offset}, shape={self.shape})"
+
+
+def _volume_ref(row: dict[str, Any], location: str) -> VolumeRef:
+    """The :class:`VolumeRef` of a row whose ``volume.npy`` member was read as its header only (``reader``'s
+    ``refs``: ``volume.npy`` holds the member's first bytes, ``volume.npy.offset``/``.size`` where it lies)."""
+    header = npy_header(row["volume.npy"])
+    if header is None or header[1]:
+        raise ValueError("direct volume reads need a C-ordered .npy of format 1.0 or 2.0 (as prepare_data writes)")
+    shape, _, dtype, start = header
+    if dtype != VolumeRef.dtype:
+        raise ValueError(f"direct volume reads need int16 volumes (as prepare_data writes), got {dtype}")
+    if len(shape) != 3:
+        raise ValueError(f"volume has shape {shape}, expected (D>0, H, W)")
+    payload = int(row["volume.npy.size"]) - start
+    need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if payload < need:
+        raise ValueError(f"payload has {payload} bytes, shape {shape} of {dtype} needs {need}")
+    return VolumeRef(location, int(row["volume.npy.offset"]) + start, shape)
+
+
+def decode_sample(row: dict[str, Any], location: str | None = None) -> dict[str, Any]:
     """Raw tar members (bytes) -> ``volume`` (int16 ndarray), ``report`` (str), ``meta`` (dict).
 
-    Never unpickles (``npy_view``); the volume is a read-only view of the member's bytes. Raises
-    :class:`DecodeError` with the key and the reason for anything unusable.
+    Never unpickles (``npy_view``); the volume is a read-only view of the member's bytes, or, for a row read
+    with ``volume.npy`` as a reference (``volume.npy.offset`` present), a :class:`VolumeRef` into the shard at
+    ``location`` (default the row's ``__url__``). Raises :class:`DecodeError` with the key and the reason for
+    anything unusable.
     """
     key = row.get("__key__", "?")
     for member in ("volume.npy", "report.txt", "meta.json"):
         if row.get(member) is None:
             raise DecodeError(f"{key}: missing member {member}")
     try:
-        volume = npy_view(row["volume.npy"])
+        if "volume.npy.offset" in row:
+            volume = _volume_ref(row, location or row["__url__"])
+        else:
+            volume = npy_view(row["volume.npy"])
     except Exception as exc:  # noqa: BLE001 - any decoding failure is a bad sample
         raise DecodeError(f"{key}: undecodable volume.npy ({type(exc).__name__}: {exc})") from exc
-    if volume.ndim != 3 or volume.shape[0] == 0 or volume.size == 0:
+    if len(volume.shape) != 3 or 0 in volume.shape:
         raise DecodeError(f"{key}: volume has shape {volume.shape}, expected (D>0, H, W)")
     if not np.issubdtype(volume.dtype, np.integer):
         if not np.isfinite(volume).all():

@@ -165,6 +165,10 @@ def build_trainer(cfg: Config, run_name: str, tokenizer_dir: str, tracking_uri: 
     }}
     if not cfg.scaling.use_gpu:
         env["env_vars"]["DS_ACCELERATOR"] = "cpu"
+    if cfg.data.volume_transport == "direct":  # the workers read the voxels from the shards themselves
+        from volvlp_ray.data.storage import task_runtime_env
+
+        env["env_vars"].update((task_runtime_env(cfg.shards_path) or {}).get("env_vars", {}))
     storage = storage or runs_storage(cfg)
     return TorchTrainer(
         train_loop_per_worker,
