@@ -4,7 +4,6 @@ the padding fraction is the one the shards' depths imply."""
 import json
 import math
 import tarfile
-from pathlib import Path
 
 from volvlp_ray.benchmarks.data import run
 

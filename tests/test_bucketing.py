@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from volvlp_ray.data.bucketing import bucket_by_depth, padding_fraction
+from volvlp_ray.data.bucketing import bucket_by_depth, padding_fraction, rebatch
 
 
 def stream(n_rows: int, pool_rows: int, seed: int = 0, equal_shapes: bool = False):
@@ -58,3 +58,43 @@ def test_equal_shapes_and_errors():
         list(bucket_by_depth([{"volume": np.zeros((4, 2))}], 2, np.random.default_rng(0)))
     with pytest.raises(ValueError, match="batch_size"):
         list(bucket_by_depth([], 0, np.random.default_rng(0)))
+
+
+def _irregular(n_rows: int, seed: int):
+    """Batches of random sizes (as iter_batches with a local shuffle buffer yields them), some with volumes of one
+    shape (a regular array, as Ray Data gives them then), the others object arrays."""
+    rng = np.random.default_rng(seed)
+    start = 0
+    while start < n_rows:
+        n = min(int(rng.integers(1, 70)), n_rows - start)
+        same = bool(rng.integers(0, 2))
+        d = rng.integers(25, 42, size=n)
+        if same:
+            vols = np.stack([np.full((8, 2, 2), start + i, np.int16) for i in range(n)])
+        else:
+            vols = np.empty(n, dtype=object)
+            for i, x in enumerate(d):
+                vols[i] = np.full((int(x), 2, 2), start + i, dtype=np.int16)
+        yield {"volume": vols, "depth": d, "key": np.asarray([f"k{start + i}" for i in range(n)]),
+               "input_ids": np.arange(start, start + n)[:, None].repeat(3, 1)}
+        start += n
+
+
+@pytest.mark.parametrize("n_rows", [500, 512, 37])
+def test_rebatch_gives_exact_sizes_so_equal_shares_give_equal_step_counts(n_rows):
+    b, pool = 16, 4
+    for seed in range(5):  # workers whose streams come in different batch sizes
+        pools = list(rebatch(_irregular(n_rows, seed), b * pool))
+        assert [len(p["depth"]) for p in pools] == [b * pool] * (n_rows // (b * pool)) + (
+            [n_rows % (b * pool)] if n_rows % (b * pool) else [])
+        keys = np.concatenate([p["key"] for p in pools])
+        assert keys.tolist() == [f"k{i}" for i in range(n_rows)]  # every row once, in order
+        for p in pools:
+            for key, vol, ids in zip(p["key"], p["volume"], p["input_ids"]):  # columns stay aligned
+                assert vol.flat[0] == ids[0] == int(key[1:])
+        steps = len(list(bucket_by_depth(iter(pools), b, np.random.default_rng(0))))
+        assert steps == n_rows // (b * pool) * pool + n_rows % (b * pool) // b
+    exact = list(rebatch(_irregular(n_rows, 0), b, drop_last=True))
+    assert len(exact) == n_rows // b and all(len(x["key"]) == b for x in exact)
+    with pytest.raises(ValueError):
+        list(rebatch(_irregular(5, 0), 0))

@@ -5,7 +5,6 @@ import csv
 import json
 import logging
 import tarfile
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np

@@ -233,7 +233,7 @@ def test_tokenizer_round_trip_and_determinism(tokenizer, tmp_path):
     assert build_tokenizer(CORPUS, 300).get_vocab() == tokenizer.get_vocab()
     code = (
         "import json,sys; from volvlp_ray.models.text import build_tokenizer as b;"
-        f"print(json.dumps(b(json.loads(sys.argv[1]), 300).get_vocab(), sort_keys=True))"
+        "print(json.dumps(b(json.loads(sys.argv[1]), 300).get_vocab(), sort_keys=True))"
     )
     out = subprocess.run([sys.executable, "-c", code, json.dumps(CORPUS)], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == tokenizer.get_vocab()

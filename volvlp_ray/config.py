@@ -92,7 +92,9 @@ class DataConfig:
     samples_per_read_task: int = 256
     """With ``volume_transport=direct``: a Ray Data read task covers shards holding about this many samples (the
     rows are small, so one task per shard, ~3 CT volumes, spends more time scheduling than reading: measured).
-    The stream's order is the same either way. 0 = one task per shard (as the object-store transport does)."""
+    The rows come in the same order either way, but Ray Train deals them to the workers by blocks, and blocks
+    follow tasks: runs compare batch for batch only with the same setting. 0 = one task per shard (as the
+    object-store transport does; with it a direct run trains on exactly the batches an object-store run does)."""
     deterministic: bool = True
     """Reproducible training stream (Ray Data ``preserve_order``): two runs with one seed see the same batches,
     and a resumed run replays the interrupted epoch in its original order. False: order follows scheduling."""

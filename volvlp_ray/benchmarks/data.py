@@ -121,7 +121,7 @@ def _stages(cfg, cfg_carried, tokenizer_dir: str, shard_bytes: int) -> dict[str,
 
 
 def _loader(cfg, tokenizer_dir: str, batch_size: int, shard_bytes: int) -> dict[str, Any]:
-    from volvlp_ray.data.bucketing import bucket_by_depth
+    from volvlp_ray.data.bucketing import bucket_by_depth, rebatch
     from volvlp_ray.data.pipeline import build_dataset, collate
 
     pz = cfg.model.patch[0]
@@ -136,7 +136,8 @@ def _loader(cfg, tokenizer_dir: str, batch_size: int, shard_bytes: int) -> dict[
 
     def pools():
         nonlocal plain_tokens, plain_padded
-        for p in ds.iter_batches(batch_size=batch_size * pool, batch_format="numpy", drop_last=False):
+        for p in rebatch(ds.iter_batches(batch_size=batch_size * pool, batch_format="numpy", drop_last=False),
+                         batch_size * pool):
             # padding of the batches the stream gives without bucketing (consecutive rows), for comparison
             zt = -(-np.asarray(p["depth"]) // pz)
             for i in range(0, len(zt) - batch_size + 1, batch_size):

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-__all__ = ["bucket_by_depth", "padding_fraction"]
+__all__ = ["bucket_by_depth", "padding_fraction", "rebatch"]
 
 
 def bucket_by_depth(pools: Iterable[dict[str, np.ndarray]], batch_size: int,
@@ -40,6 +40,44 @@ def bucket_by_depth(pools: Iterable[dict[str, np.ndarray]], batch_size: int,
         for j in rng.permutation(n):
             idx = order[j * batch_size:(j + 1) * batch_size]
             yield {k: _take(v, idx) for k, v in pool.items()}
+
+
+def rebatch(batches: Iterable[dict[str, np.ndarray]], rows: int, drop_last: bool = False
+            ) -> Iterator[dict[str, np.ndarray]]:
+    """The rows of ``batches`` cut again into batches of exactly ``rows`` (the last one shorter, or dropped with
+    ``drop_last``). Ray Data's ``iter_batches`` with a local shuffle buffer yields short batches mid-stream
+    (where its buffer drains); a training loop whose workers must take the same number of steps per epoch from
+    equal shares of rows needs batch sizes that depend on the row count alone."""
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    held: list[dict[str, np.ndarray]] = []
+    n = 0
+    for batch in batches:
+        held.append(batch)
+        n += len(next(iter(batch.values())))
+        while n >= rows:
+            merged = _concat(held)
+            yield {k: v[:rows] for k, v in merged.items()}
+            rest = {k: v[rows:] for k, v in merged.items()}
+            n -= rows
+            held = [rest] if n else []
+    if n and not drop_last:
+        yield _concat(held)
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(parts) == 1:
+        return parts[0]
+    out = {}
+    for k in parts[0]:
+        cols = [p[k] for p in parts]
+        if all(c.dtype != object for c in cols) and len({c.shape[1:] for c in cols}) == 1:
+            out[k] = np.concatenate(cols)
+        else:  # variable-shaped arrays (one batch may have come as a regular array, another as objects)
+            out[k] = np.empty(sum(len(c) for c in cols), dtype=object)
+            for i, row in enumerate(r for c in cols for r in c):
+                out[k][i] = row
+    return out
 
 
 def _take(column: np.ndarray, idx: np.ndarray) -> np.ndarray:

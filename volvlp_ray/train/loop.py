@@ -64,7 +64,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     from transformers import AutoTokenizer
 
-    from volvlp_ray.data.bucketing import bucket_by_depth
+    from volvlp_ray.data.bucketing import bucket_by_depth, rebatch
     from volvlp_ray.data.pipeline import collate, normalise_tensor
     from volvlp_ray.models import build_model
     from volvlp_ray.tracking import MetricLogger
@@ -170,11 +170,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             break
         t_wait = time.perf_counter()
         pool = cfg.data.bucket_pool
-        batches = shard.iter_batches(
+        # exact sizes (rebatch): every worker gets as many rows per epoch (Ray Train's equal split), so every
+        # worker takes as many steps; a short batch mid-stream would leave one waiting in a collective
+        batches = rebatch(shard.iter_batches(
             batch_size=cfg.train.batch_size * pool, batch_format="numpy", drop_last=pool == 1,
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
             local_shuffle_seed=cfg.seed + epoch + 1000 * rank, prefetch_batches=2 if pool == 1 else 1,
-        )
+        ), cfg.train.batch_size * pool, drop_last=pool == 1)
         if pool > 1:  # depth bucketing (see volvlp_ray.data.bucketing); as many batches as drop_last gives
             batches = bucket_by_depth(batches, cfg.train.batch_size, np.random.default_rng([cfg.seed, epoch, rank, 5]))
         batch_in_epoch = 0
