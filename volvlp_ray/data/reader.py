@@ -15,6 +15,11 @@ The parser reads POSIX ustar, pax (per-file ``path``/``size`` records) and GNU l
 ``tarfile`` and GNU tar. A damaged or truncated tar raises :class:`ShardReadError` naming the shard and the
 byte offset, rather than yielding part of a member; the training stream only reads shards whose size matches
 the manifest (``shards.intact_shards``).
+
+Members by reference (``refs=("volume.npy",)``, what ``data.volume_transport=direct`` uses): such a member is
+read as its first bytes (the ``.npy`` header) plus where its data lies (``volume.npy.offset``/``.size``), and
+skipped with a seek, so the rows stay small; :func:`read_volumes` later reads the voxels straight from the shard
+into a batch (``pipeline.collate``).
 """
 
 from __future__ import annotations
