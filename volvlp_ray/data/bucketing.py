@@ -5,13 +5,14 @@ A batch is padded to its deepest volume. Drawn at random, volumes of 25 and 41 s
 ``pool`` batches from the stream, sorts each pool by depth, cuts it into batches of ``batch_size`` and yields
 them in a seeded random order; the stream's shuffling still decides which volumes meet in a pool::
 
-    pools = shard.iter_batches(batch_size=batch_size * pool, batch_format="numpy")
+    pools = rebatch(shard.iter_batches(batch_size=batch_size * pool, batch_format="numpy"), batch_size * pool)
     for batch in bucket_by_depth(pools, batch_size, np.random.default_rng([seed, epoch, rank])):
         ...
 
 Deterministic: the same pools and generator give the same batches in the same order (a resumed run skips the
 batches it trained on by count). Every row of a pool goes into a batch, except the remainder (< ``batch_size``
-rows) of the stream's last, partial pool, the same rows ``drop_last`` would drop.
+rows) of each pool; with exact pools (``rebatch``; ``iter_batches`` may yield short ones mid-stream) only the
+stream's last, partial pool has one: the same rows ``drop_last`` would drop.
 """
 
 from __future__ import annotations
