@@ -104,6 +104,7 @@ def iter_members(stream: Any, url: str = "?", refs: tuple[str, ...] = ()) -> Ite
     offset = 0
     pending: dict[str, str] = {}  # pax / GNU long-name values for the next entry
     end = _stream_size(stream) if refs else None
+    ref_endings = tuple("." + r for r in refs)
     while True:
         header = _read_upto(stream, _RECORD)
         if not header or header == bytes(_RECORD):  # end of archive (the zero records, or EOF after a member)
@@ -119,19 +120,15 @@ def iter_members(stream: Any, url: str = "?", refs: tuple[str, ...] = ()) -> Ite
         offset += _RECORD
         padding = -size % _RECORD
         name = pending.get("path", info.name)
-        if refs and not meta_entry and info.type in tarfile.REGULAR_TYPES and name.endswith(
-                tuple("." + r for r in refs)):
+        if ref_endings and info.type in tarfile.REGULAR_TYPES and name.endswith(ref_endings):
             if offset + size + padding > end:
                 raise ShardReadError(f"{url}: truncated tar: member {name!r} at byte {offset} wants {size} bytes, "
                                      f"the file ends at byte {end}")
-            head = _read_exact(stream, min(size, _HEAD_BYTES), url, offset, f"member {name!r}")
+            data = MemberRef(offset, size, _read_exact(stream, min(size, _HEAD_BYTES), url, offset, f"member {name!r}"))
             stream.seek(offset + size + padding)
-            pending = {}
-            yield name, MemberRef(offset, size, head)
-            offset += size + padding
-            continue
-        data = _read_exact(stream, size, url, offset, f"member {info.name!r}")
-        _read_exact(stream, padding, url, offset + size, f"padding of {info.name!r}")
+        else:
+            data = _read_exact(stream, size, url, offset, f"member {info.name!r}")
+            _read_exact(stream, padding, url, offset + size, f"padding of {info.name!r}")
         if info.type == tarfile.XHDTYPE:
             pending.update(_pax_records(data, url, offset))
         elif info.type == tarfile.GNUTYPE_LONGNAME:

@@ -199,11 +199,16 @@ def npy_view(data: bytes) -> np.ndarray:
     if header is None or header[1]:
         return np.load(io.BytesIO(data), allow_pickle=False)
     shape, _, dtype, offset = header
-    count = int(np.prod(shape, dtype=np.int64))
-    if len(data) - offset < count * dtype.itemsize:
-        raise ValueError(f"payload has {len(data) - offset} bytes, shape {shape} of {dtype} needs "
-                         f"{count * dtype.itemsize}")
+    count = _check_payload(len(data) - offset, shape, dtype)
     return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
+def _check_payload(payload: int, shape: tuple[int, ...], dtype: np.dtype) -> int:
+    """The element count of ``shape``; ``ValueError`` when ``payload`` bytes are fewer than it needs."""
+    count = int(np.prod(shape, dtype=np.int64))
+    if payload < count * dtype.itemsize:
+        raise ValueError(f"payload has {payload} bytes, shape {shape} of {dtype} needs {count * dtype.itemsize}")
+    return count
 
 
 class VolumeRef:
@@ -238,12 +243,7 @@ def _volume_ref(row: dict[str, Any], location: str) -> VolumeRef:
     shape, _, dtype, start = header
     if dtype != VolumeRef.dtype:
         raise ValueError(f"direct volume reads need int16 volumes (as prepare_data writes), got {dtype}")
-    if len(shape) != 3:
-        raise ValueError(f"volume has shape {shape}, expected (D>0, H, W)")
-    payload = int(row["volume.npy.size"]) - start
-    need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if payload < need:
-        raise ValueError(f"payload has {payload} bytes, shape {shape} of {dtype} needs {need}")
+    _check_payload(int(row["volume.npy.size"]) - start, shape, dtype)  # the shape is checked by decode_sample
     return VolumeRef(location, int(row["volume.npy.offset"]) + start, shape)
 
 
