@@ -8,6 +8,10 @@
     python jobs/benchmark.py data --out data.json     # shards from synthetic CT-RATE-sized volumes (--scale small:
                                                       # 64²): raw shard read MB/s vs per-sample NIfTI load +
                                                       # resample vs the Ray Data loader (volumes/s, MB/s, padding)
+    python jobs/benchmark.py scale --config configs/ctrate_vitb.yaml --world 1 8 64 --out scale.json
+                                                      # the training batcher dealing a CT-RATE-scale stream to N
+                                                      # simulated ranks: useful-work fraction, masked steps, padding
+                                                      # (data.sampler=equal vs per-rank bucketing)
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import importlib
 import sys
 
 SUITES = {"loss": "volvlp_ray.benchmarks.loss", "model": "volvlp_ray.benchmarks.model",
-          "data": "volvlp_ray.benchmarks.data"}
+          "data": "volvlp_ray.benchmarks.data", "scale": "volvlp_ray.benchmarks.scale"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,9 +25,32 @@ def run_job(*args: str, env: dict | None = None, timeout: int = 900) -> subproce
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     ws = tmp_path_factory.mktemp("ws")
-    p = run_job(f"workspace={ws}", "run_name=e2e")
+    p = run_job(f"workspace={ws}", "run_name=e2e", env={"VOLVLP_STEP_TRACE": str(ws / "trace")})
     assert p.returncode == 0
     return ws, p.stdout + p.stderr
+
+
+def read_traces(trace_dir: Path, world: int = 2) -> list[list[dict]]:
+    """Per step, both ranks' records (``VOLVLP_STEP_TRACE``: what each rank's vision tower got)."""
+    import json
+
+    per_rank = [[json.loads(line) for line in open(trace_dir / f"rank_{r}.jsonl")] for r in range(world)]
+    assert len({len(p) for p in per_rank}) == 1, [len(p) for p in per_rank]
+    return [list(step) for step in zip(*per_rank)]
+
+
+def assert_equal_work(steps: list[list[dict]], n_steps: int) -> set[int]:
+    """Every step: the same vision tokens on every rank, no padding mask built, no attention call with a mask
+    (the model's counter); returns the token counts seen."""
+    assert [s[0]["step"] for s in steps] == list(range(1, n_steps + 1))
+    seen = set()
+    for s in steps:
+        assert len({r["vision_tokens"] for r in s}) == 1, s
+        assert len({tuple(r["shape"]) for r in s}) == 1, s
+        assert not any(r["mask_built"] for r in s), s
+        assert all(r["masked_attention_calls"] == 0 for r in s), s
+        seen.add(s[0]["vision_tokens"])
+    return seen
 
 
 def test_job_logs_to_mlflow(tiny_run):
@@ -78,6 +101,16 @@ def test_checkpoint_and_export(tiny_run):
     assert emb.shape == (2, 128) and torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)
 
 
+def test_equal_vision_tokens_on_both_ranks_and_no_mask(tiny_run):
+    """data.sampler=equal (the default), report mode, 2 real workers: step by step both ranks' vision towers
+    process the same number of tokens and attention never receives a mask."""
+    ws, _ = tiny_run
+    steps = read_traces(ws / "trace")
+    assert_equal_work(steps, 6)
+    # the depth still varies between steps on this data (the first steps of a run are the same on every rerun)
+    assert len({s[0]["shape"][2] for s in steps}) >= 2, [s[0]["shape"] for s in steps]
+
+
 def test_no_report_text_reaches_mlflow(tiny_run):
     import csv
 
@@ -100,11 +133,15 @@ def test_no_report_text_reaches_mlflow(tiny_run):
 def test_second_run_reuses_data(tiny_run):
     ws, _ = tiny_run
     # (and trains on volumes normalised in Ray Data rather than on the device: not a shard option, shards reused)
-    p = run_job(f"workspace={ws}", "run_name=e2e-again", "train.steps=2", "train.checkpoint_every=2",
-                "eval.at_end=false", "data.normalise_in=loader", "data.volume_transport=object_store")
+    # organ mode (SigVLP chunks cut at batch time to the step's agreed length): equal tokens, no mask, lengths vary
+    p = run_job(f"workspace={ws}", "run_name=e2e-again", "train.steps=6", "train.checkpoint_every=6",
+                "eval.at_end=false", "data.normalise_in=loader", "data.volume_transport=object_store",
+                "data.text_mode=organ", "data.chunk_depth=[8,40]", env={"VOLVLP_STEP_TRACE": str(ws / "trace-organ")})
     assert p.returncode == 0
     out = p.stdout + p.stderr
     assert "synthetic dataset already at" in out and "shards ready" in out and "tokenizer built" not in out
+    seen = assert_equal_work(read_traces(ws / "trace-organ"), 6)
+    assert len(seen) >= 2, seen
 
 
 def test_swca_with_grad_cache_through_the_job(tmp_path):

@@ -22,8 +22,9 @@ from volvlp_ray.models import build_tokenizer
 
 REPORT = "The heart is enlarged. No pleural effusion. Liver normal."
 WINDOW = (-160.0, 240.0)
+# per-row chunks (data.sampler=bucket); test_equal_sampler_batches_* covers the cut at batch time
 COMMON = ["model.patch=[4,16,16]", "data.in_plane_size=16", f"data.hu_window=[{WINDOW[0]},{WINDOW[1]}]",
-          "data.chunk_depth=[4,12]"]
+          "data.chunk_depth=[4,12]", "data.sampler=bucket"]
 
 
 def _write_shard(path, depths, seed=0, dtype=np.int16) -> dict[str, np.ndarray]:
@@ -101,6 +102,51 @@ def test_direct_batches_equal_object_store_batches(tmp_path, tokenizer, text_mod
         read_volumes([ref], out)
         vol = volumes[r["key"]]
         assert any(np.array_equal(vol[z:z + ref.shape[0]], out[0]) for z in range(len(vol) - ref.shape[0] + 1))
+
+
+@pytest.mark.parametrize("text_mode", ["report", "organ"])
+def test_equal_sampler_batches_direct_equal_object_store(tmp_path, tokenizer, text_mode):
+    """data.sampler=equal: whole-volume rows, cut at batch time (``StepBatcher``) to the step's length; the two
+    transports give the same batches bitwise, the slices are the stored ones at the planned offsets, nothing is
+    padded, and organ mode's text is the chunk's organ-wise text."""
+    from transformers import AutoTokenizer
+
+    from volvlp_ray.data.organs import chunk_text
+    from volvlp_ray.data.pipeline import StepBatcher
+    from volvlp_ray.data.sampler import EqualTokenSampler, equal_token_steps
+
+    shard = str(tmp_path / "shard-00000-00.tar")
+    volumes = _write_shard(shard, (9, 13, 14, 21, 16, 15, 12, 8))
+    cfg = load_config(None, [*COMMON, "data.sampler=equal", f"data.text_mode={text_mode}"])
+    direct, carried = _rows(shard, cfg, tokenizer, refs=True), _rows(shard, cfg, tokenizer, refs=False)
+    assert [r["depth"] for r in direct] == [len(v) for v in volumes.values()]  # whole volumes
+    batcher = StepBatcher(cfg, AutoTokenizer.from_pretrained(tokenizer))
+
+    def plans(rows):
+        s = EqualTokenSampler(2, 4, text_mode, (1, 3), pool_rows=8, max_pool=8, seed=0, rank=0)
+        return list(equal_token_steps(s, iter(rows), lambda v: v, 0))
+
+    pd, pc = plans(direct), plans(carried)
+    assert len(pd) == len(pc) >= 3
+    for a_plan, b_plan in zip(pd, pc):
+        a_np, b_np = batcher(a_plan), batcher(b_plan)
+        a, b = collate(a_np, 4, WINDOW, hu=True), collate(b_np, 4, WINDOW, hu=True)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+        n = a_plan.z_patches * 4
+        assert a["volume"].shape[2] == n and (a["depths"] == n).all()  # no padding
+        for i, (row, start) in enumerate(zip(a_plan.rows, a_plan.starts)):
+            assert np.array_equal(a["volume"][i, 0].numpy(), volumes[row["key"]][start:start + n])
+            if text_mode == "organ":
+                z0, sz = -10.0 * int(row["key"].split("_")[1]), 1.5
+                want = chunk_text({"heart": "The heart is enlarged.", "liver": "Liver normal."},
+                                  {"heart": [0.0, 9.0], "liver": [12.0, 30.0]},
+                                  (z0 + (start - 0.5) * sz, z0 + (start + n - 0.5) * sz), general="Cardiomegaly.") or REPORT
+                ids = batcher.tokenizer(want, max_length=cfg.data.max_text_length, truncation=True,
+                                        padding="max_length")["input_ids"]
+                assert a["input_ids"][i].tolist() == ids
+                assert float(a_np["z_center_mm"][i]) == pytest.approx(z0 + (start + n / 2 - 0.5) * sz)
 
 
 def test_volume_ref_slices_and_reads(tmp_path):

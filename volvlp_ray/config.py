@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 __all__ = [
+    "GRAD_CHECKPOINTING_MODES",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -33,6 +34,7 @@ __all__ = [
     "config_to_dict",
     "dump_yaml",
     "flatten",
+    "grad_checkpointing_mode",
     "load_config",
     "parse_cli",
 ]
@@ -71,8 +73,20 @@ class DataConfig:
     """Tokens per text (longer texts are truncated; the loop logs the truncated fraction)."""
     shuffle_buffer: int = 64
     """Local shuffle buffer (rows) of the training stream."""
+    sampler: str = "equal"
+    """How training batches are formed. "equal" (``data/sampler.py``): every step, all ranks agree on one z-length
+    (organ mode: a chunk length drawn per step; report mode: a group of volumes with the same number of whole z
+    patches, the < patch_z slices of remainder cropped), so every rank's vision tower sees the same number of
+    tokens, nothing is padded and attention gets no mask; the length still varies from step to step. "bucket":
+    each rank buckets its own stream by depth (``bucket_pool``), padding to the batch's deepest sample (the
+    per-rank baseline: ranks wait for the deepest one)."""
+    pool_batches: int = 8
+    """``sampler=equal``: each rank's pool is filled to this many batches of rows before each step."""
+    max_pool_batches: int = 32
+    """``sampler=equal``, report mode: the pool may grow to this many batches while no depth group can fill a step
+    on every rank; beyond it a step crops deeper volumes to a common length (counted, rare)."""
     bucket_pool: int = 4
-    """Depth bucketing: the training stream is read in pools of this many batches, each pool sorted by depth and
+    """``sampler=bucket``: the training stream is read in pools of this many batches, each pool sorted by depth and
     cut into batches (yielded in seeded random order), so a batch pads to a near-equal depth; 1 = off."""
     normalise_in: str = "device"
     """Where int16 HU becomes [-1, 1] over ``hu_window``: "device" (the training loop, on the GPU: volumes cross
@@ -113,6 +127,19 @@ class DataConfig:
     ``{VolumeName: {organ: text}}``; volumes without an entry keep the keyword split."""
 
 
+GRAD_CHECKPOINTING_MODES = ("none", "full", "selective")
+
+
+def grad_checkpointing_mode(value: Any, where: str = "grad_checkpointing") -> str:
+    """A grad-checkpointing mode from a str or the old boolean (True = "full", False / None = "none")."""
+    if value is None or isinstance(value, bool):
+        return "full" if value else "none"
+    if isinstance(value, str) and value.lower() in GRAD_CHECKPOINTING_MODES:
+        return value.lower()
+    raise ConfigError(f"{where}={value!r} is not one of {list(GRAD_CHECKPOINTING_MODES)} (or true / false for "
+                      "'full' / 'none')")
+
+
 @dataclass
 class ModelConfig:
     preset: str = "tiny"
@@ -141,10 +168,17 @@ class ModelConfig:
     init_logit_bias: float = -5.0
     """Initial logit bias (sigmoid losses). SigLIP's -10 suits global batches of ~32k; for a batch of B the
     bias-only optimum is about -log(B), and starting far below it costs hundreds of steps on small runs."""
-    grad_checkpointing: bool = False
-    """Activation checkpointing in the vision blocks."""
+    grad_checkpointing: str = "none"
+    """Activation checkpointing in the vision blocks: "none" (keep every activation: fastest, most memory),
+    "selective" (keep the attention sub-layer's activations, recompute norm2 + MLP of each block in the backward
+    pass: ~half the activation memory for ~5% more vision FLOPs), "full" (keep only each block's input, recompute
+    the whole block: least memory, ~33% more vision FLOPs). true / false (the old boolean) mean "full" / "none"."""
     compile: bool = False
-    """``torch.compile`` each vision block in place (regional; parameter names unchanged). Pays off on GPU."""
+    """``torch.compile`` each vision block in place (regional; parameter names unchanged). Pays off on GPU. The
+    token dimension is compiled dynamic, so chunks of varying depth reuse one graph instead of recompiling."""
+
+    def __post_init__(self) -> None:
+        self.grad_checkpointing = grad_checkpointing_mode(self.grad_checkpointing, "model.grad_checkpointing")
 
 
 @dataclass
@@ -341,6 +375,7 @@ _CHOICES = {
     ("data", "reader"): ("shards", "webdataset"),
     ("data", "normalise_in"): ("device", "loader"),
     ("data", "volume_transport"): ("direct", "object_store"),
+    ("data", "sampler"): ("equal", "bucket"),
 }
 
 
@@ -376,6 +411,9 @@ def validate(cfg: Config) -> None:
     if cfg.data.samples_per_read_task < 0:
         raise ConfigError(f"data.samples_per_read_task must be >= 0 (0 = one read task per shard), got "
                           f"{cfg.data.samples_per_read_task}")
+    if cfg.data.pool_batches < 1 or cfg.data.max_pool_batches < cfg.data.pool_batches:
+        raise ConfigError(f"data.pool_batches must be >= 1 and data.max_pool_batches >= it, got "
+                          f"{cfg.data.pool_batches} and {cfg.data.max_pool_batches}")
     if cfg.data.bucket_pool < 1:
         raise ConfigError(f"data.bucket_pool must be >= 1 (1 = no bucketing), got {cfg.data.bucket_pool}")
     if cfg.loss.negation_pairs < 0 or cfg.loss.pair_weight < 0:
@@ -431,6 +469,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {tp}")
 
 
+_VALUE_PARSERS = {"model.grad_checkpointing": grad_checkpointing_mode}
+"""Keys whose values are normalised by a function instead of plain type coercion: a boolean that became a mode
+(YAML ``true`` / ``false``; a ``key=none`` override, which parses as None, means "none")."""
+
+
 def _merge(base: dict, update: dict, cls: type, prefix: str = "") -> dict:
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in fields(cls)]
@@ -447,6 +490,8 @@ def _merge(base: dict, update: dict, cls: type, prefix: str = "") -> dict:
             if not isinstance(value, dict):
                 raise ConfigError(f"{where} is a section; give its keys ({', '.join(f.name for f in fields(tp))})")
             out[key] = _merge(out[key], value, tp, f"{where}.")
+        elif where in _VALUE_PARSERS:
+            out[key] = _VALUE_PARSERS[where](value, where)
         else:
             out[key] = _coerce(value, tp, where)
     return out

@@ -18,6 +18,7 @@ per byte where the object store path makes about five. The batches are the same,
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import sys
 import threading
@@ -37,7 +38,7 @@ from volvlp_ray.data.shards import DecodeError, VolumeRef, decode_sample, intact
 from volvlp_ray.data.transforms import normalise
 
 __all__ = [
-    "TrainDatasetFactory", "build_dataset", "collate", "latest_progress", "normalise_tensor", "read_corpus",
+    "StepBatcher", "TrainDatasetFactory", "draw_chunk", "tokenize", "build_dataset", "collate", "latest_progress", "normalise_tensor", "read_corpus",
     "read_samples", "shard_files", "study_id",
 ]
 
@@ -94,6 +95,9 @@ class _ToRow:
         self.findings = training and cfg.loss.negation_pairs > 0  # only the negation-pair loss reads them
         self.hu_window = tuple(cfg.data.hu_window) if cfg.data.normalise_in == "loader" else None
         self.tokenizer_dir = tokenizer_dir
+        # data.sampler=equal: rows keep the whole volume; the step's agreed length cuts it (and, in organ mode,
+        # the chunk's text is made) at batch time (``StepBatcher``)
+        self.whole = training and cfg.data.sampler == "equal"
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         try:
@@ -109,13 +113,11 @@ class _ToRow:
             return []
         sz = float(meta["spacing"][0])
         z0_mm = float(meta.get("z_origin_mm", 0.0))
+        if self.whole:
+            return [self._whole_row(s, vol, meta, depth, sz, z0_mm)]
         if self.text_mode == "organ":
             rng = np.random.default_rng([self.seed, zlib.crc32(s["key"].encode()), next(_counter)])
-            lo = max(pz, self.chunk[0] // pz * pz)
-            hi = max(lo, min(depth, self.chunk[1]) // pz * pz)
-            n = int(rng.integers(lo // pz, hi // pz + 1)) * pz
-            n = min(n, depth // pz * pz)
-            start = int(rng.integers(0, depth - n + 1))
+            n, start = draw_chunk(depth, pz, self.chunk, rng)
             vol = vol[start : start + n]
             z_range = (z0_mm + (start - 0.5) * sz, z0_mm + (start + n - 0.5) * sz)
             text = chunk_text(meta.get("organ_findings", {}), meta.get("organs", {}), z_range,
@@ -125,26 +127,13 @@ class _ToRow:
         else:
             n, start = depth, 0
             text = s["report"]
-        tokenizer = _tokenizer(self.tokenizer_dir)
-        # one pass: a fast tokenizer returns the overflow as extra rows (a slow one as "overflowing_tokens")
-        tok = tokenizer(text, max_length=self.max_len, truncation=True, padding="max_length",
-                        return_overflowing_tokens=True)
-        ids, mask = tok["input_ids"], tok["attention_mask"]
-        if ids and isinstance(ids[0], list):
-            truncated, ids, mask = len(ids) > 1, ids[0], mask[0]
-        else:
-            truncated = bool(tok.get("overflowing_tokens"))
-        if isinstance(vol, VolumeRef):  # data.volume_transport=direct: collate reads the slices
-            volume = {"volume_location": vol.location, "volume_offset": vol.offset,
-                      "volume_shape": np.asarray(vol.shape, dtype=np.int64)}
-        else:  # int16 HU, or with data.normalise_in=loader float32 in [-1, 1]
-            volume = {"volume": np.ascontiguousarray(vol) if self.hu_window is None else normalise(vol, self.hu_window)}
+        ids, mask, truncated = tokenize(_tokenizer(self.tokenizer_dir), text, self.max_len)
         row = {
             "key": s["key"],
-            **volume,
+            **self._volume(vol),
             "depth": int(n),
-            "input_ids": np.asarray(ids, dtype=np.int32),
-            "attention_mask": np.asarray(mask, dtype=np.int8),
+            "input_ids": ids,
+            "attention_mask": mask,
             "labels": np.asarray(meta["labels"], dtype=np.float32),
             "study_id": study_id(s["key"]),
             "z_center_mm": np.float32(z0_mm + (start + n / 2 - 0.5) * sz),
@@ -153,6 +142,98 @@ class _ToRow:
         if self.findings:  # what the trained-on text affirms / negates, per label
             row["findings"] = polarity_vector(text)
         return [row]
+
+    def _volume(self, vol) -> dict[str, Any]:
+        if isinstance(vol, VolumeRef):  # data.volume_transport=direct: collate reads the slices
+            return {"volume_location": vol.location, "volume_offset": vol.offset,
+                    "volume_shape": np.asarray(vol.shape, dtype=np.int64)}
+        # int16 HU, or with data.normalise_in=loader float32 in [-1, 1]
+        return {"volume": np.ascontiguousarray(vol) if self.hu_window is None else normalise(vol, self.hu_window)}
+
+    def _whole_row(self, s: dict[str, Any], vol, meta: dict[str, Any], depth: int, sz: float, z0_mm: float):
+        """The whole volume and what its step needs to cut it: z origin and spacing; report mode: the report's
+        tokens (the text does not depend on the cut); organ mode: the report and organ metadata (the chunk's
+        text is made once its z-range is known)."""
+        row = {
+            "key": s["key"],
+            **self._volume(vol),
+            "depth": int(depth),
+            "labels": np.asarray(meta["labels"], dtype=np.float32),
+            "study_id": study_id(s["key"]),
+            "z_origin_mm": np.float32(z0_mm),
+            "z_spacing_mm": np.float32(sz),
+        }
+        if self.text_mode == "organ":
+            row["report"] = s["report"]
+            row["organ_json"] = json.dumps({k: meta.get(k, d) for k, d in
+                                            (("organ_findings", {}), ("organs", {}), ("impressions", ""))})
+            return row
+        ids, mask, truncated = tokenize(_tokenizer(self.tokenizer_dir), s["report"], self.max_len)
+        row.update(input_ids=ids, attention_mask=mask, text_truncated=bool(truncated))
+        if self.findings:
+            row["findings"] = polarity_vector(s["report"])
+        return row
+
+
+def draw_chunk(depth: int, patch_z: int, bounds: tuple[int, int], rng: np.random.Generator) -> tuple[int, int]:
+    """``data.sampler=bucket``'s organ-mode chunk of a volume of ``depth`` slices: (slices, first slice), the length
+    a multiple of ``patch_z`` drawn uniformly within ``bounds`` (slices) and the volume."""
+    pz = patch_z
+    lo = max(pz, bounds[0] // pz * pz)
+    hi = max(lo, min(depth, bounds[1]) // pz * pz)
+    n = int(rng.integers(lo // pz, hi // pz + 1)) * pz
+    n = min(n, depth // pz * pz)
+    return n, int(rng.integers(0, depth - n + 1))
+
+
+def tokenize(tokenizer, text: str, max_len: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """``text`` -> (input_ids int32 (max_len,), attention_mask int8 (max_len,), truncated)."""
+    # one pass: a fast tokenizer returns the overflow as extra rows (a slow one as "overflowing_tokens")
+    tok = tokenizer(text, max_length=max_len, truncation=True, padding="max_length", return_overflowing_tokens=True)
+    ids, mask = tok["input_ids"], tok["attention_mask"]
+    if ids and isinstance(ids[0], list):
+        truncated, ids, mask = len(ids) > 1, ids[0], mask[0]
+    else:
+        truncated = bool(tok.get("overflowing_tokens"))
+    return np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.int8), truncated
+
+
+class StepBatcher:
+    """A sampler ``Plan`` (``data/sampler.py``) -> the numpy batch ``collate`` takes: each row's volume cut to the
+    step's slices (a ``VolumeRef`` is moved, no voxels read; an array is sliced), its depth and z-centre; in organ
+    mode the chunk's organ-wise text (findings of the organs its z-range covers plus the general sentences, or the
+    whole report when none), tokenised, and its findings vector."""
+
+    def __init__(self, cfg: Config, tokenizer):
+        self.mode, self.tokenizer, self.max_len = cfg.data.text_mode, tokenizer, cfg.data.max_text_length
+        self.patch_z = cfg.model.patch[0]
+        self.findings = cfg.loss.negation_pairs > 0
+
+    def __call__(self, plan) -> dict[str, np.ndarray]:
+        from volvlp_ray.data.sampler import stack_rows
+
+        n = plan.z_patches * self.patch_z
+        out = []
+        for row, start in zip(plan.rows, plan.starts):
+            r = dict(row)
+            if "volume_offset" in r:
+                ref = VolumeRef(str(r["volume_location"]), int(r["volume_offset"]), tuple(r["volume_shape"]))[start:start + n]
+                r["volume_offset"], r["volume_shape"] = ref.offset, np.asarray(ref.shape, dtype=np.int64)
+            else:
+                r["volume"] = r["volume"][start:start + n]
+            z0, sz = float(r.pop("z_origin_mm")), float(r.pop("z_spacing_mm"))
+            r["depth"] = n
+            r["z_center_mm"] = np.float32(z0 + (start + n / 2 - 0.5) * sz)
+            if self.mode == "organ":
+                meta = json.loads(str(r.pop("organ_json")))
+                report = str(r.pop("report"))
+                z_range = (z0 + (start - 0.5) * sz, z0 + (start + n - 0.5) * sz)
+                text = chunk_text(meta["organ_findings"], meta["organs"], z_range, general=meta["impressions"]) or report
+                r["input_ids"], r["attention_mask"], r["text_truncated"] = tokenize(self.tokenizer, text, self.max_len)
+                if self.findings:
+                    r["findings"] = polarity_vector(text)
+            out.append(r)
+        return stack_rows(out)
 
 
 def build_dataset(cfg: Config, split: str, tokenizer_dir: str, training: bool | None = None, first_epoch: int = 0):
@@ -260,8 +341,8 @@ class _BatchBuffers:
     or view of a batch made from it is alive); ``keep`` are kept, and when all are in use a fresh one is
     returned. Held memory: ``keep`` x ``headroom`` x the largest batch (int16)."""
 
-    def __init__(self, keep: int = 2, headroom: float = 1.25):
-        self.keep, self.headroom = keep, headroom
+    def __init__(self, keep: int = 2, headroom: float = 1.25, pin: bool = False):
+        self.keep, self.headroom, self.pin = keep, headroom, pin
         self._buffers: list[np.ndarray] = []
         self._lock = threading.Lock()
 
@@ -271,15 +352,22 @@ class _BatchBuffers:
             for i in range(len(self._buffers)):
                 if sys.getrefcount(self._buffers[i]) == 2:  # the list and this call's argument: free
                     if self._buffers[i].size < n:
-                        self._buffers[i] = np.empty(int(n * self.headroom), dtype=np.int16)
+                        self._buffers[i] = self._new(int(n * self.headroom))
                     return self._buffers[i][:n].reshape(shape)
-            buf = np.empty(int(n * self.headroom), dtype=np.int16)
+            buf = self._new(int(n * self.headroom))
             if len(self._buffers) < self.keep:
                 self._buffers.append(buf)
             return buf[:n].reshape(shape)
 
 
+    def _new(self, n: int) -> np.ndarray:
+        if self.pin:  # page-locked: the host-to-device copy runs at full speed and asynchronously
+            return torch.empty(n, dtype=torch.int16, pin_memory=True).numpy()
+        return np.empty(n, dtype=np.int16)
+
+
 _buffers = _BatchBuffers()
+_pinned_buffers = _BatchBuffers(pin=True)
 
 
 def _volume_refs(batch: dict[str, np.ndarray]) -> list[VolumeRef]:
@@ -288,7 +376,7 @@ def _volume_refs(batch: dict[str, np.ndarray]) -> list[VolumeRef]:
 
 
 def collate(batch: dict[str, np.ndarray], patch_z: int, hu_window: tuple[float, float],
-            hu: bool = False) -> dict[str, torch.Tensor]:
+            hu: bool = False, pin: bool = False) -> dict[str, torch.Tensor]:
     """Numpy batch of rows -> tensors.
 
     Returns ``volume`` (B, 1, D, H, W) float32 in [-1, 1] with D the largest depth rounded up to a multiple of
@@ -296,7 +384,8 @@ def collate(batch: dict[str, np.ndarray], patch_z: int, hu_window: tuple[float, 
     (``normalise_tensor`` then gives what ``hu=False`` gives). Rows the loader normalised (float volumes,
     ``data.normalise_in=loader``) are padded as they are, float32, whatever ``hu`` says. Rows that carry
     volume references (``data.volume_transport=direct``) are read from their shards here; with ``hu=True``
-    the batch is a reused buffer (``_BatchBuffers``), free again once the returned tensor and its views are gone.
+    the batch is a reused buffer (``_BatchBuffers``), free again once the returned tensor and its views are gone;
+    ``pin=True`` (on a GPU machine) makes those buffers page-locked.
     Also ``depths`` (B,), ``input_ids``/``attention_mask`` (B, T) int64, ``labels`` (B, L), ``study_id`` (B,),
     ``z_center_mm`` (B,), ``text_truncated`` (B,) bool, and when the rows have them ``findings`` (B, L) int8
     (-1 not mentioned, 0 negated, 1 affirmed by the text).
@@ -310,7 +399,7 @@ def collate(batch: dict[str, np.ndarray], patch_z: int, hu_window: tuple[float, 
         raise ValueError(f"volumes of one batch differ in-plane: {[tuple(v.shape) for v in vols]}")
     hu_air = int(np.clip(np.floor(hu_window[0]), -32768, 32767))
     if refs is not None:
-        staged = _buffers.take((len(vols), 1, d_max, h, w))
+        staged = (_pinned_buffers if pin else _buffers).take((len(vols), 1, d_max, h, w))
         read_volumes(refs, staged[:, 0])
         for i, d in enumerate(depths):
             staged[i, 0, d:] = hu_air

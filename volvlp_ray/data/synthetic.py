@@ -254,16 +254,28 @@ def _report(rng: np.random.Generator, labels: dict[str, int]) -> tuple[str, str,
 # one case, and the dataset
 
 
-def make_case(seed: int, split: str, index: int) -> dict:
-    """Render one case. Returns the stored int16 array, its affine, metadata, report and labels."""
-    rng = np.random.default_rng([seed, 0 if split == "train" else 1, index])
+def _draw_case(rng: np.random.Generator) -> tuple[dict[str, int], float, float, float]:
+    """A case's labels, in-plane and z spacing (mm) and z extent (mm): the generator's first draws."""
     labels = {l: int(rng.random() < PREVALENCE) for l in LABELS}
     if labels["Cardiomegaly"] and rng.random() < 0.4:
         labels["Pericardial effusion"] = 1
     xy_sp = float(rng.choice([4.6, 5.0, 5.4]))
     z_sp = float(rng.choice([4.0, 5.0, 6.0]))
+    return labels, xy_sp, z_sp, float(rng.uniform(200, 330))
+
+
+def case_extent_mm(seed: int, split: str, index: int) -> float:
+    """The z extent (mm) of case ``index`` of ``split``, as ``make_case`` draws it, without rendering: after
+    resampling to a z spacing ``s`` the volume has about ``extent / s`` slices (the scale benchmark's depths)."""
+    _, _, z_sp, extent = _draw_case(np.random.default_rng([seed, 0 if split == "train" else 1, index]))
+    return int(round(extent / z_sp)) * z_sp
+
+
+def make_case(seed: int, split: str, index: int) -> dict:
+    """Render one case. Returns the stored int16 array, its affine, metadata, report and labels."""
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1, index])
+    labels, xy_sp, z_sp, extent = _draw_case(rng)
     n_xy = 80
-    extent = float(rng.uniform(200, 330))
     n_z = int(round(extent / z_sp))
     extent = n_z * z_sp
     xs = ((np.arange(n_xy) - (n_xy - 1) / 2) * xy_sp).astype(np.float32)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .affinity import check_meta
-from .gather import all_gather_with_grad, check_equal_batch, global_index
+from .gather import EqualBatchCheck, all_gather_with_grad, global_index
 from .sigmoid import at_least_float32, check_features
 
 __all__ = ["ClipLoss", "gather_pair_features"]
@@ -52,6 +52,7 @@ class ClipLoss(nn.Module):
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         super().__init__()
+        self._batch_check = EqualBatchCheck()  # one all-gather on the first call, then host-side
         self.group = group
 
     @property
@@ -68,7 +69,7 @@ class ClipLoss(nn.Module):
     ) -> Tensor:
         check_features(image_features, text_features, logit_scale, "ClipLoss")
         check_meta(meta, (), image_features.shape[0], "ClipLoss")
-        check_equal_batch(image_features.shape[0], image_features.device, self.group)
+        self._batch_check(image_features.shape[0], image_features.device, self.group)
         all_image, all_text = gather_pair_features(image_features, text_features, self.group)
         labels = global_index(image_features.shape[0], image_features.device, self.group)
         logits_per_image = at_least_float32(logit_scale * image_features @ all_text.T)

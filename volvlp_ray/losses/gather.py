@@ -34,6 +34,7 @@ __all__ = [
     "PairLoss",
     "world_info",
     "global_index",
+    "EqualBatchCheck",
     "check_equal_batch",
     "all_gather_with_grad",
     "all_gather_no_grad",
@@ -68,6 +69,27 @@ def check_equal_batch(batch: int, device: torch.device, group: dist.ProcessGroup
             f"local batch sizes differ across ranks: {sizes}; the global contrastive losses need the same "
             "local batch on every rank (drop the last incomplete batch)"
         )
+
+
+class EqualBatchCheck:
+    """``check_equal_batch`` once, then on the host: the first call runs the all-gather (every rank's first loss
+    call), later calls compare the batch with the agreed one without a collective or a device sync, so a loss
+    that runs every step costs no extra round trip. A rank whose batch size changes raises ``ValueError``."""
+
+    def __init__(self) -> None:
+        self.batch: int | None = None
+
+    def __call__(self, batch: int, device: torch.device, group: dist.ProcessGroup | None = None) -> None:
+        if world_info(group)[1] == 1:
+            return
+        if self.batch is None:
+            check_equal_batch(batch, device, group)
+            self.batch = batch
+        elif batch != self.batch:
+            raise ValueError(
+                f"the local batch changed from {self.batch} (agreed by all ranks on the first call) to {batch}; the "
+                "global contrastive losses need the same local batch on every rank in every step"
+            )
 
 
 def global_index(batch: int, device: torch.device, group: dist.ProcessGroup | None = None) -> Tensor:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .affinity import check_meta
-from .gather import EXCHANGES, check_equal_batch, global_index, pairwise_sum
+from .gather import EXCHANGES, EqualBatchCheck, global_index, pairwise_sum
 
 __all__ = ["SigmoidLoss", "sigmoid_pair_loss", "check_features", "at_least_float32"]
 
@@ -72,6 +72,7 @@ class SigmoidLoss(nn.Module):
 
     def __init__(self, exchange: str = "gather", group: dist.ProcessGroup | None = None) -> None:
         super().__init__()
+        self._batch_check = EqualBatchCheck()  # one all-gather on the first call, then host-side
         if exchange not in EXCHANGES:
             raise ValueError(f"SigmoidLoss: exchange must be one of {list(EXCHANGES)}, got {exchange!r}")
         self.exchange = exchange
@@ -91,7 +92,7 @@ class SigmoidLoss(nn.Module):
     ) -> Tensor:
         check_features(image_features, text_features, logit_scale, "SigmoidLoss")
         check_meta(meta, (), image_features.shape[0], "SigmoidLoss")
-        check_equal_batch(image_features.shape[0], image_features.device, self.group)
+        self._batch_check(image_features.shape[0], image_features.device, self.group)
         batch = image_features.shape[0]
         index = {"index": global_index(batch, image_features.device, self.group)}
         total = pairwise_sum(

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .affinity import check_meta, soft_targets
 from .clip import gather_pair_features
-from .gather import EXCHANGES, check_equal_batch, gather_meta, global_index, pairwise_sum
+from .gather import EXCHANGES, EqualBatchCheck, gather_meta, global_index, pairwise_sum
 from .sigmoid import at_least_float32, check_features
 
 __all__ = ["SWCALoss", "FORMS"]
@@ -68,6 +68,7 @@ class SWCALoss(nn.Module):
         group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
+        self._batch_check = EqualBatchCheck()  # one all-gather on the first call, then host-side
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"SWCALoss: alpha must be in [0, 1], got {alpha}")
         if form not in FORMS:
@@ -143,7 +144,7 @@ class SWCALoss(nn.Module):
         check_features(image_features, text_features, logit_scale, "SWCALoss")
         batch = image_features.shape[0]
         check_meta(meta, self.meta_keys, batch, "SWCALoss")
-        check_equal_batch(batch, image_features.device, self.group)
+        self._batch_check(batch, image_features.device, self.group)
         rows = {"index": global_index(batch, image_features.device, self.group)}
         rows.update({k: meta[k].detach() for k in self.meta_keys})
         if self.form == "sigmoid":

@@ -23,6 +23,7 @@ import os
 import random
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -59,17 +60,34 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass
+class ReadyBatch:
+    """What one training step consumes, made by the background producer: tensors already on the device, and
+    what the host knows about them (no step reads anything back from the device)."""
+
+    epoch: int
+    batch_in_epoch: int
+    step: int  # the global step it is trained at (before the increment)
+    tensors: dict[str, torch.Tensor]
+    depths: torch.Tensor | None  # host (B,) valid slices, only when some sample is padded (a mask is needed)
+    samples: int
+    vision_tokens: int  # patch tokens this rank's vision tower processes
+    truncated: int
+    pair_valid: float
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Setup; a producer of ready batches (background thread); per batch ``train_step``; around it the periodic
+    work: logging, validation, checkpoints."""
     import deepspeed
     import ray.train
     from transformers import AutoTokenizer
 
-    from volvlp_ray.data.bucketing import bucket_by_depth, rebatch
-    from volvlp_ray.data.pipeline import collate, normalise_tensor
     from volvlp_ray.models import build_model
     from volvlp_ray.tracking import MetricLogger
     from volvlp_ray.train.checkpoint import load_worker_state, use_safe_loading
     from volvlp_ray.train.deepspeed import deepspeed_config, param_groups
+    from volvlp_ray.train.producer import BatchProducer, adopt
 
     cfg: Config = config_from_dict(loop_config["config"])
     ctx = ray.train.get_context()
@@ -90,7 +108,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     pairs = None
     if cfg.loss.negation_pairs:
         from volvlp_ray.data.negation import StatementBank
-        from volvlp_ray.losses import negation_pair_loss
 
         pairs = StatementBank(tokenizer)
 
@@ -107,7 +124,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     use_safe_loading(engine)
     dtype = torch.bfloat16 if ds_cfg["bf16"]["enabled"] else torch.float32
 
-    step, start_epoch, skip_batches = 0, 0, 0
+    step, start_epoch, skip_batches, carry = 0, 0, 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -115,6 +132,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if load_path is None:
                 raise RuntimeError(f"checkpoint {checkpoint.path} has no DeepSpeed state under tag {CKPT_TAG!r}")
             worker_state = load_worker_state(d, rank)  # restores this rank's RNG streams
+            carry = _load_carry(d, rank)
         step = int(client_state["step"])
         start_epoch, skip_batches = int(client_state.get("epoch", 0)), int(client_state.get("batch_in_epoch", 0))
         if worker_state is None and rank == 0:
@@ -138,126 +156,39 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"])
         logger.skip_logged_steps("train/loss")  # after a resume: steps already in MLflow are not logged twice
-    shard = ray.train.get_dataset_shard("train")
-    hu_window = tuple(cfg.data.hu_window)
-    patch_z = cfg.model.patch[0]
-    grad_cache = None
-    if n_micro > 1:
-        from volvlp_ray.losses import GradCache
 
-        def backward(surrogate: torch.Tensor, is_last: bool) -> None:
-            engine.backward(surrogate * n_micro)  # undo DeepSpeed's 1/gradient_accumulation_steps scaling
-            engine.step()  # applies the update at the accumulation boundary (the last micro-batch) only
-
-        grad_cache = GradCache(
-            lambda im: engine.module.encode_image(im["volume"], im["depths"]),
-            lambda tx: engine.module.encode_text(tx["input_ids"], tx["attention_mask"]),
-            loss_fn, micro, backward_fn=backward,
-        )
-
-    t_last, samples_since, wait_time, truncated = time.perf_counter(), 0, 0.0, 0
-    pair_loss_sum, pair_valid_sum, steps_since = 0.0, 0.0, 0
-    done = step >= cfg.train.steps
-    if done:
+    if step >= cfg.train.steps:
         # a finished run started again (a driver rerun, a resumed sweep trial): nothing to train; report the
         # final state once more so that whoever waits on this run (Tune) gets its metrics
         if rank == 0:
             print(f"[train] the run already reached step {step}; nothing to train", flush=True)
         val = validator.run(engine.module) if validator is not None else {}
         ray.train.report({"step": step, "epoch": start_epoch, **val})
-    for epoch in itertools.count(start_epoch):
-        if done:
-            break
-        t_wait = time.perf_counter()
-        pool = cfg.data.bucket_pool
-        # exact sizes (rebatch): every worker gets as many rows per epoch (Ray Train's equal split), so every
-        # worker takes as many steps; a short batch mid-stream would leave one waiting in a collective
-        batches = rebatch(shard.iter_batches(
-            batch_size=cfg.train.batch_size * pool, batch_format="numpy", drop_last=pool == 1,
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-            local_shuffle_seed=cfg.seed + epoch + 1000 * rank, prefetch_batches=2 if pool == 1 else 1,
-        ), cfg.train.batch_size * pool, drop_last=pool == 1)
-        if pool > 1:  # depth bucketing (see volvlp_ray.data.bucketing); as many batches as drop_last gives
-            batches = bucket_by_depth(batches, cfg.train.batch_size, np.random.default_rng([cfg.seed, epoch, rank, 5]))
-        batch_in_epoch = 0
-        for np_batch in batches:
-            batch_in_epoch += 1
-            if epoch == start_epoch and batch_in_epoch <= skip_batches:
-                if batch_in_epoch == 1 and rank == 0:
-                    print(f"[train] skipping the {skip_batches} batches of epoch {epoch} trained on before the "
-                          "checkpoint", flush=True)
-                t_wait = time.perf_counter()
-                continue
-            wait_time += time.perf_counter() - t_wait
-            b = {k: v.to(device, non_blocking=True) for k, v in collate(np_batch, patch_z, hu_window, hu=True).items()}
-            if b["volume"].dtype == torch.int16:  # int16 HU -> [-1, 1], on the device (data.normalise_in=device)
-                b["volume"] = normalise_tensor(b["volume"], hu_window, dtype)
-            else:  # normalised by the loader
-                b["volume"] = b["volume"].to(dtype)
-            meta = {k: b[k] for k in loss_fn.meta_keys}
-            if grad_cache is None:
-                pair_inputs = {}
-                if pairs is not None:
-                    # drawn from (seed, rank, step): a resumed run draws the same statements at the same step
-                    drawn = pairs.sample(np.stack(list(np_batch["findings"])), cfg.loss.negation_pairs,
-                                         np.random.default_rng([cfg.seed, rank, step, 11]))
-                    pair_inputs = {k: torch.from_numpy(v).to(device) for k, v in drawn.items()}
-                out = engine(b["volume"], b["depths"], b["input_ids"], b["attention_mask"],
-                             *((pair_inputs["pair_ids"], pair_inputs["pair_mask"]) if pair_inputs else ()))
-                loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"],
-                               **meta)
-                if pair_inputs:
-                    pair_loss = negation_pair_loss(out["image_features"], out["pair_features"],
-                                                   pair_inputs["pair_valid"], out["logit_scale"])
-                    pair_loss_sum += pair_loss.detach()  # a tensor: no device sync per step
-                    pair_valid_sum += float(drawn["pair_valid"].mean())
-                    loss = loss + cfg.loss.pair_weight * pair_loss
-                engine.backward(loss)
-                engine.step()
-                loss = loss.detach()
-            else:
-                m = engine.module
-                loss = grad_cache.step(
-                    {"volume": b["volume"], "depths": b["depths"]},
-                    {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]},
-                    m.logit_scale.exp().squeeze(0), m.logit_bias.squeeze(0), **meta,
-                )
-            step += 1
-            steps_since += 1
-            samples_since += b["volume"].shape[0] * world
-            truncated += int(b["text_truncated"].sum())
+        _close(logger)
+        return
 
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                global_loss = loss.float().clone()
-                if dist.is_initialized():
-                    dist.all_reduce(global_loss)
-                    global_loss /= world
-                now = time.perf_counter()
-                m = engine.module
-                metrics = {
-                    "train/loss": global_loss.item(),
-                    "train/lr": float(scheduler.get_last_lr()[0]) if scheduler else cfg.train.lr,
-                    "train/logit_scale": float(m.logit_scale.detach().float().exp()),
-                    "train/logit_bias": float(m.logit_bias.detach().float()),
-                    "train/samples_per_s": samples_since / max(now - t_last, 1e-9),
-                    "train/data_wait_fraction": wait_time / max(now - t_last, 1e-9),
-                    "train/text_truncated_fraction": truncated * world / max(samples_since, 1),
-                    "train/epoch": float(epoch),
-                }
-                if pairs is not None and grad_cache is None:
-                    # rank 0's mean over the steps since the last log (the loss above includes it, weighted)
-                    metrics["train/pair_loss"] = float(pair_loss_sum) / max(steps_since, 1)
-                    metrics["train/pair_coverage"] = pair_valid_sum / max(steps_since, 1)
+    stream = TrainStream(cfg, ray.train.get_dataset_shard("train"), tokenizer, pairs, rank, world,
+                         first_step=step, epoch=start_epoch, skip=skip_batches, carry=carry)
+    batches = BatchProducer(stream, _Prepare(cfg, device, use_gpu, pairs, rank), depth=2)
+    train_step = _train_step_fn(cfg, engine, loss_fn, dtype, n_micro, micro)
+    trace = _StepTrace(rank)  # test-only: VOLVLP_STEP_TRACE
+    window = _Window(batches)
+    try:
+        for b in batches:
+            loss, pair_loss = train_step(adopt(b.tensors), b.depths)
+            step += 1
+            window.add(b, world, pair_loss)
+            trace.write(step, b, engine.module)
+            final = step >= cfg.train.steps
+
+            if step % cfg.train.log_every == 0 or final:
+                metrics = window.metrics(loss, world, scheduler, engine.module, cfg, b.epoch)
                 if logger:
                     logger.log(metrics, step)
                     pair_txt = f" (pair {metrics['train/pair_loss']:.3f})" if "train/pair_loss" in metrics else ""
                     print(f"[train] step {step}/{cfg.train.steps} loss {metrics['train/loss']:.4f}{pair_txt} "
                           f"lr {metrics['train/lr']:.2e} scale {metrics['train/logit_scale']:.1f} "
                           f"{metrics['train/samples_per_s']:.1f} samples/s", flush=True)
-                t_last, samples_since, wait_time, truncated = now, 0, 0.0, 0
-                pair_loss_sum, pair_valid_sum, steps_since = 0.0, 0.0, 0
-
-            final = step >= cfg.train.steps
             val: dict[str, float] = {}
             # validation also at checkpoints, so that every report to Ray Train (and Tune) carries the metrics
             if validator is not None and (step % cfg.eval.every == 0 or step % cfg.train.checkpoint_every == 0
@@ -268,18 +199,283 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     print(f"[val] step {step}: t2v MRR {val['val/t2v/mrr']:.3f}, zero-shot mean AUROC "
                           f"{val['val/zeroshot/mean/auroc']:.3f} ({val['val/seconds']:.1f}s)", flush=True)
             if step % cfg.train.checkpoint_every == 0 or final:
-                _save_and_report(engine, cfg, step, float(loss), rank, final, tokenizer,
-                                 epoch=epoch, batch_in_epoch=batch_in_epoch, extra=val)
+                _save_and_report(engine, cfg, step, float(loss), rank, final, tokenizer, epoch=b.epoch,
+                                 batch_in_epoch=b.batch_in_epoch, carry=stream.carry_of(b.epoch), extra=val)
             elif val:
-                ray.train.report({"step": step, "loss": float(loss), "epoch": epoch, **val})
+                ray.train.report({"step": step, "loss": float(loss), "epoch": b.epoch, **val})
             if final:
-                done = True
                 break
-            t_wait = time.perf_counter()
+    finally:
+        batches.close()
+        _close(logger)
+
+
+def _close(logger) -> None:
+    if logger is not None and hasattr(logger, "close"):
+        logger.close()
+
+
+def _train_step_fn(cfg: Config, engine, loss_fn, dtype: torch.dtype, n_micro: int, micro: int):
+    """``train_step(tensors, depths) -> (loss, pair_loss)``: forward, global loss, backward, optimizer step.
+    Nothing in it reads a value back from the device (the loss stays a tensor)."""
+    from volvlp_ray.data.pipeline import normalise_tensor
+    from volvlp_ray.losses import negation_pair_loss
+
+    hu_window = tuple(cfg.data.hu_window)
+
+    def volume_of(t: dict[str, torch.Tensor]) -> torch.Tensor:
+        if t["volume"].dtype == torch.int16:  # int16 HU -> [-1, 1], on the device (data.normalise_in=device)
+            return normalise_tensor(t["volume"], hu_window, dtype)
+        return t["volume"].to(dtype)  # normalised by the loader
+
+    if n_micro > 1:
+        from volvlp_ray.losses import GradCache
+
+        def backward(surrogate: torch.Tensor, is_last: bool) -> None:
+            engine.backward(surrogate * n_micro)  # undo DeepSpeed's 1/gradient_accumulation_steps scaling
+            engine.step()  # applies the update at the accumulation boundary (the last micro-batch) only
+
+        grad_cache = GradCache(
+            lambda im: engine.module.encode_image(im["volume"], im.get("depths")),
+            lambda tx: engine.module.encode_text(tx["input_ids"], tx["attention_mask"]),
+            loss_fn, micro, backward_fn=backward,
+        )
+
+        def cached_step(t: dict[str, torch.Tensor], depths: torch.Tensor | None):
+            m = engine.module
+            image = {"volume": volume_of(t), **({"depths": depths} if depths is not None else {})}
+            loss = grad_cache.step(image, {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]},
+                                   m.logit_scale.exp().squeeze(0), m.logit_bias.squeeze(0),
+                                   **{k: t[k] for k in loss_fn.meta_keys})
+            return loss, None
+
+        return cached_step
+
+    def train_step(t: dict[str, torch.Tensor], depths: torch.Tensor | None):
+        pair = "pair_ids" in t
+        out = engine(volume_of(t), depths, t["input_ids"], t["attention_mask"],
+                     *((t["pair_ids"], t["pair_mask"]) if pair else ()))
+        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"],
+                       **{k: t[k] for k in loss_fn.meta_keys})
+        pair_loss = None
+        if pair:
+            pair_loss = negation_pair_loss(out["image_features"], out["pair_features"], t["pair_valid"],
+                                           out["logit_scale"])
+            loss = loss + cfg.loss.pair_weight * pair_loss
+        engine.backward(loss)
+        engine.step()
+        return loss.detach(), None if pair_loss is None else pair_loss.detach()
+
+    return train_step
+
+
+class TrainStream:
+    """This rank's training batches, host side, in the producer thread: Ray Data's stream of rows -> the batches
+    of ``data.sampler`` -> numpy batches, positioned at (``epoch``, ``skip``) for a resumed run and ending after
+    the batches that ``train.steps`` needs (every rank makes the same number of agreements).
+
+    ``data.sampler=equal`` (``data/sampler.py``): every rank's batch in a step has the same z-length (agreed over a
+    gloo group of its own, so the agreement never interleaves with the step's collectives in the main thread),
+    cut at batch time. ``bucket``: per-rank depth bucketing (padding to each batch's deepest sample)."""
+
+    def __init__(self, cfg: Config, shard, tokenizer, pairs, rank: int, world: int, *, first_step: int, epoch: int,
+                 skip: int, carry: list | None):
+        from volvlp_ray.data.pipeline import StepBatcher
+
+        self.cfg, self.shard, self.pairs, self.rank, self.world = cfg, shard, pairs, rank, world
+        self.first_step, self.epoch, self.skip, self.carry = first_step, epoch, skip, carry or []
+        self.batcher = StepBatcher(cfg, tokenizer)
+        self._carries: dict[int, list] = {}
+        self.sampler = None
+        self.group = None
+        if cfg.data.sampler == "equal" and world > 1:
+            # created here, in the main thread, by every rank in the same order (a collective)
+            self.group = dist.new_group(backend="gloo")
+
+    def carry_of(self, epoch: int) -> list:
+        """The rows carried into ``epoch``'s pool (saved with a checkpoint taken during it)."""
+        return self._carries.get(epoch, [])
+
+    def agree(self, counts: np.ndarray) -> np.ndarray:
+        if self.group is None:
+            return counts
+        t = torch.from_numpy(counts)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return t.numpy()
+
+    def _epoch_batches(self, epoch: int):
+        from volvlp_ray.data.bucketing import rebatch
+
+        cfg, rank = self.cfg, self.rank
+        b = cfg.train.batch_size
+        equal = cfg.data.sampler == "equal"
+        pool = 1 if equal else cfg.data.bucket_pool
+        # exact sizes (rebatch): every worker gets as many rows per epoch (Ray Train's equal split), so every
+        # worker takes as many steps; a short batch mid-stream would leave one waiting in a collective
+        batches = rebatch(self.shard.iter_batches(
+            batch_size=b * pool, batch_format="numpy", drop_last=pool == 1 and not equal,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+            local_shuffle_seed=cfg.seed + epoch + 1000 * rank, prefetch_batches=2 if pool == 1 else 1,
+        ), b * pool, drop_last=pool == 1 and not equal)
+        if equal:
+            from volvlp_ray.data.sampler import EqualTokenSampler, equal_token_steps, rows_of
+
+            pz = cfg.model.patch[0]
+            if self.sampler is None:
+                self.sampler = EqualTokenSampler(
+                    b, pz, cfg.data.text_mode, (cfg.data.chunk_depth[0] // pz, cfg.data.chunk_depth[1] // pz),
+                    pool_rows=cfg.data.pool_batches * b, max_pool=cfg.data.max_pool_batches * b, seed=cfg.seed,
+                    rank=rank)
+                carry = self.carry
+            else:
+                carry = list(self.sampler.pool)  # what the last epoch left
+            self._carries = {epoch: carry}
+            rows = (r for batch in batches for r in rows_of(batch))
+            for plan in equal_token_steps(self.sampler, rows, self.agree, epoch, carry):
+                yield plan
+        else:
+            from volvlp_ray.data.bucketing import bucket_by_depth
+
+            if pool > 1:  # depth bucketing (see volvlp_ray.data.bucketing); as many batches as drop_last gives
+                batches = bucket_by_depth(batches, b, np.random.default_rng([cfg.seed, epoch, rank, 5]))
+            yield from batches
+
+    def __iter__(self):
+        needed = self.cfg.train.steps - self.first_step
+        produced, empty_epochs = 0, 0
+        for epoch in itertools.count(self.epoch):
+            n = 0
+            for n, item in enumerate(self._epoch_batches(epoch), 1):
+                if epoch == self.epoch and n <= self.skip:
+                    continue  # trained on before the checkpoint: the sampler's state advances, no voxels read
+                batch = self.batcher(item) if self.cfg.data.sampler == "equal" else item
+                yield epoch, n, self.first_step + produced, batch
+                produced += 1
+                if produced >= needed:
+                    return
+            empty_epochs = empty_epochs + 1 if n == 0 else 0
+            if empty_epochs >= 3:
+                raise RuntimeError(
+                    f"three epochs in a row gave no batch of {self.cfg.train.batch_size} rows per worker: the "
+                    "training split is too small for train.batch_size x scaling.num_workers")
+
+
+class _Prepare:
+    """In the producer thread: a numpy batch -> ``ReadyBatch`` (voxels read into a reused, on a GPU pinned,
+    buffer; negation pairs drawn; tensors copied to the device on a side stream)."""
+
+    def __init__(self, cfg: Config, device: torch.device, use_gpu: bool, pairs, rank: int):
+        self.cfg, self.device, self.pin, self.pairs, self.rank = cfg, device, use_gpu, pairs, rank
+        self.stream = torch.cuda.Stream(device) if use_gpu else None
+        self.grid_yx = (cfg.data.in_plane_size // cfg.model.patch[1]) * (cfg.data.in_plane_size // cfg.model.patch[2])
+
+    def __call__(self, item) -> ReadyBatch:
+        from volvlp_ray.data.pipeline import collate
+        from volvlp_ray.train.producer import to_device
+
+        epoch, n, step, np_batch = item
+        cfg = self.cfg
+        pz = cfg.model.patch[0]
+        t = collate(np_batch, pz, tuple(cfg.data.hu_window), hu=True, pin=self.pin)
+        depths = t.pop("depths")
+        d = t["volume"].shape[2]
+        padded = bool((depths < d).any())  # decided on the host: a mask only when some sample is padded
+        b = t["volume"].shape[0]
+        pair_valid = 0.0
+        if "findings" in t and self.pairs is not None:
+            # drawn from (seed, rank, step): a resumed run draws the same statements at the same step
+            drawn = self.pairs.sample(t.pop("findings").numpy(), cfg.loss.negation_pairs,
+                                      np.random.default_rng([cfg.seed, self.rank, step, 11]))
+            t.update({k: torch.from_numpy(v) for k, v in drawn.items()})
+            pair_valid = float(drawn["pair_valid"].mean())
+        else:
+            t.pop("findings", None)
+        truncated = int(t.pop("text_truncated").sum())
+        t = to_device(t, self.device, self.stream)
+        return ReadyBatch(epoch=epoch, batch_in_epoch=n, step=step, tensors=t, depths=depths if padded else None,
+                          samples=b, vision_tokens=b * (d // pz) * self.grid_yx, truncated=truncated,
+                          pair_valid=pair_valid)
+
+
+class _Window:
+    """Host-side counters between two log steps (nothing is read from the device except the logged loss)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+        self.reset(time.perf_counter())
+
+    def reset(self, now: float) -> None:
+        self.t0, self.samples, self.truncated, self.steps = now, 0, 0, 0
+        self.wait0 = self.batches.wait_seconds
+        self.pair_losses: list[torch.Tensor] = []
+        self.pair_valid = 0.0
+
+    def add(self, b: ReadyBatch, world: int, pair_loss: torch.Tensor | None) -> None:
+        self.samples += b.samples * world
+        self.truncated += b.truncated
+        self.steps += 1
+        self.pair_valid += b.pair_valid
+        if pair_loss is not None:
+            self.pair_losses.append(pair_loss)
+
+    def metrics(self, loss: torch.Tensor, world: int, scheduler, module, cfg: Config, epoch: int) -> dict[str, float]:
+        """The logged metrics (one all-reduce of the loss and one read-back: periodic work, not every step)."""
+        global_loss = loss.float().clone()
+        if dist.is_initialized():
+            dist.all_reduce(global_loss)
+            global_loss /= world
+        now = time.perf_counter()
+        elapsed = max(now - self.t0, 1e-9)
+        metrics = {
+            "train/loss": global_loss.item(),
+            "train/lr": float(scheduler.get_last_lr()[0]) if scheduler else cfg.train.lr,
+            "train/logit_scale": float(module.logit_scale.detach().float().exp()),
+            "train/logit_bias": float(module.logit_bias.detach().float()),
+            "train/samples_per_s": self.samples / elapsed,
+            "train/data_wait_fraction": (self.batches.wait_seconds - self.wait0) / elapsed,
+            "train/text_truncated_fraction": self.truncated * world / max(self.samples, 1),
+            "train/epoch": float(epoch),
+        }
+        if self.pair_losses:
+            # rank 0's mean over the steps since the last log (the loss above includes it, weighted)
+            metrics["train/pair_loss"] = float(torch.stack(self.pair_losses).float().mean())
+            metrics["train/pair_coverage"] = self.pair_valid / max(self.steps, 1)
+        self.reset(now)
+        return metrics
+
+
+class _StepTrace:
+    """Test-only: with ``VOLVLP_STEP_TRACE=DIR`` each rank appends one JSON line per step to
+    ``DIR/rank_{rank}.jsonl``: the volume's shape, the vision tokens, whether a padding mask was built and how
+    many attention calls received a mask (the model's own counter)."""
+
+    def __init__(self, rank: int):
+        d = os.environ.get("VOLVLP_STEP_TRACE")
+        self.path = os.path.join(d, f"rank_{rank}.jsonl") if d else None
+        self.rank = rank
+
+    def write(self, step: int, b: ReadyBatch, module) -> None:
+        if self.path is None:
+            return
+        vision = getattr(module, "vision", None)
+        rec = {"step": step, "rank": self.rank, "shape": list(b.tensors["volume"].shape),
+               "vision_tokens": b.vision_tokens, "mask_built": b.depths is not None,
+               "masked_attention_calls": int(getattr(vision, "masked_attention_calls", -1)),
+               "epoch": b.epoch, "batch_in_epoch": b.batch_in_epoch}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def _load_carry(ckpt_dir: str, rank: int) -> list | None:
+    from volvlp_ray.data.sampler import load_carry
+
+    path = os.path.join(ckpt_dir, "worker_state", f"carry_rank_{rank}.npz")
+    return load_carry(path) if os.path.isfile(path) else None
 
 
 def _save_and_report(engine, cfg: Config, step: int, loss: float, rank: int, final: bool, tokenizer, *,
-                     epoch: int, batch_in_epoch: int, extra: dict[str, float] | None = None) -> None:
+                     epoch: int, batch_in_epoch: int, carry: list | None = None,
+                     extra: dict[str, float] | None = None) -> None:
     """Every rank writes its DeepSpeed shard and its RNG/data state to a local folder; ``ray.train.report``
     uploads them into one checkpoint directory in storage, registered once every rank's upload is done."""
     import ray.train
@@ -291,6 +487,10 @@ def _save_and_report(engine, cfg: Config, step: int, loss: float, rank: int, fin
     with tempfile.TemporaryDirectory(prefix="volvlp-ckpt-") as tmp:
         engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state=progress)
         save_worker_state(tmp, rank, **progress)
+        if cfg.data.sampler == "equal":  # the rows this epoch's pool started with: replayed on resume
+            from volvlp_ray.data.sampler import save_carry
+
+            save_carry(os.path.join(tmp, "worker_state", f"carry_rank_{rank}.npz"), carry or [])
         if final:
             _export(engine, cfg, rank, tokenizer, os.path.join(tmp, "export"))
         if rank == 0:
