@@ -154,7 +154,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     logger = None
     if rank == 0:
-        logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"])
+        # a background sender: a slow or restarting tracking server never holds rank 0 (and so every rank); what
+        # it cannot deliver by the end is written to this file (replay with tracking.replay_metrics_file)
+        unsent = cfg.workspace_path / "mlflow-unsent" / f"{loop_config['run_id']}.jsonl"
+        logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"], fallback_path=unsent)
         logger.skip_logged_steps("train/loss")  # after a resume: steps already in MLflow are not logged twice
 
     if step >= cfg.train.steps:
