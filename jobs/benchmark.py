@@ -12,6 +12,10 @@
                                                       # the training batcher dealing a CT-RATE-scale stream to N
                                                       # simulated ranks: useful-work fraction, masked steps, padding
                                                       # (data.sampler=equal vs per-rank bucketing)
+    python jobs/benchmark.py gpu --out gpu.json       # one GPU, <= 8 min (--budget-s 480): the ViT-B 480x480x240
+                                                      # training step, unmasked/masked x SDPA backends x checkpointing
+                                                      # none/selective/full x compile, once in Ray Train: samples/s,
+                                                      # MFU, peak memory per case (--dry-run lists the cases)
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import importlib
 import sys
 
 SUITES = {"loss": "volvlp_ray.benchmarks.loss", "model": "volvlp_ray.benchmarks.model",
-          "data": "volvlp_ray.benchmarks.data", "scale": "volvlp_ray.benchmarks.scale"}
+          "data": "volvlp_ray.benchmarks.data", "scale": "volvlp_ray.benchmarks.scale",
+          "gpu": "volvlp_ray.benchmarks.gpu"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,6 +99,47 @@ def test_compile_blocks_keeps_names_and_outputs():
         compile_blocks(torch.nn.Linear(2, 2))
 
 
+@pytest.mark.parametrize("dynamic, distinct_lengths, graphs", [(True, None, 4), (False, 3, 12)],
+                         ids=["dynamic", "a-graph-per-length"])
+def test_compiled_blocks_serve_varying_depth_within_the_recompile_limit(capsys, dynamic, distinct_lengths, graphs):
+    """Three chunk depths, each with and without a padding mask, with and without grad: the compiled blocks give
+    the eager outputs and gradients, and dynamo never gives up at its recompile limit (it would silently run the
+    block uncompiled from then on). Backend "eager": this checks dynamo's guards and recompiles; inductor on two
+    CPU cores is too slow for a unit test."""
+    import copy
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from volvlp_ray.models import ViT3D
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    vit = ViT3D(dim=48, depth=3, heads=2, patch=(4, 16, 16), pool="mean", grad_checkpointing="selective").train()
+    ref = copy.deepcopy(vit)
+    # torch's default limit (8 graphs per function; compile_blocks may raise it), restored afterwards
+    with torch._dynamo.config.patch(recompile_limit=8, accumulated_recompile_limit=256):
+        assert compile_blocks(vit, distinct_lengths=distinct_lengths, backend="eager", dynamic=dynamic) == 3
+        assert "recompile_limit" in capsys.readouterr().out
+        for d in (8, 16, 20):  # 2, 4, 5 z-patches: 8, 16, 20 tokens
+            x = torch.randn(3, 1, d, 32, 32)
+            for depths in (None, torch.tensor([d, d - 4, d])):
+                out, expected = vit(x, depths), ref(x, depths)
+                torch.testing.assert_close(out, expected)
+                out.pow(2).sum().backward()
+                expected.pow(2).sum().backward()
+                with torch.no_grad():
+                    torch.testing.assert_close(vit(x, depths), ref(x, depths))
+        with pytest.raises(ValueError, match="distinct_lengths"):
+            compile_blocks(vit, dynamic=False)
+    for (name, p), q in zip(ref.named_parameters(), vit.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert counters["frames"]["total"] == counters["frames"]["ok"] > 0  # no frame fell back to eager
+    assert counters["stats"]["unique_graphs"] == graphs  # dynamic: one per variant (mask x grad), not per depth
+    torch._dynamo.reset()
+
+
 # --------------------------------------------------------------------------------------------------------
 # every combination under Ray Train
 

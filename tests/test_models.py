@@ -127,17 +127,72 @@ def test_partial_z_patch_counts_as_valid():
 # checkpointing, errors, presets, naming
 
 
-def test_grad_checkpointing_gives_the_same_gradients():
-    plain = small_vit("attn").train()
-    ckpt = small_vit("attn", grad_checkpointing=True).train()
-    ckpt.load_state_dict(plain.state_dict())
+def _grads_and_forward_calls(mode, x: torch.Tensor, depths: torch.Tensor | None):
+    """Gradients of every parameter after one forward + backward in ``mode``, and per block how often the MLP
+    and the attention's qkv projection ran forward (pre-hooks: they fire on recomputation too)."""
+    vit = small_vit("attn", grad_checkpointing=mode).train()
+    calls = {"mlp": [0] * vit.depth, "qkv": [0] * vit.depth}
+
+    def counter(kind, i):
+        def hook(module, args):
+            calls[kind][i] += 1
+        return hook
+
+    for i, blk in enumerate(vit.blocks):
+        blk.mlp.register_forward_pre_hook(counter("mlp", i))
+        blk.attn.qkv.register_forward_pre_hook(counter("qkv", i))
+    vit(x, depths).pow(2).sum().backward()
+    grads = {name: p.grad for name, p in vit.named_parameters()}
+    assert all(g is not None for g in grads.values()), [n for n, g in grads.items() if g is None]
+    return grads, calls
+
+
+@pytest.mark.parametrize("depths", [None, [12, 8]], ids=["unmasked", "masked"])
+def test_grad_checkpointing_modes_give_the_same_gradients_and_recompute_what_they_say(depths):
+    torch.manual_seed(1)
     x = torch.randn(2, 1, 12, 32, 32)
-    depths = torch.tensor([12, 8])
-    for m in (plain, ckpt):
-        m(x, depths).pow(2).sum().backward()
-    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
-        assert p.grad is not None, name
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    d = None if depths is None else torch.tensor(depths)
+    ref, calls = _grads_and_forward_calls("none", x, d)
+    # forward calls per block: none runs each sub-layer once; selective runs the MLP again in the backward
+    # pass but not attention; full reruns the whole block
+    expected = {"none": (1, 1), "selective": (2, 1), "full": (2, 2)}
+    assert (calls["mlp"], calls["qkv"]) == ([1, 1], [1, 1])
+    for mode in ("selective", "full"):
+        grads, calls = _grads_and_forward_calls(mode, x, d)
+        assert (calls["mlp"], calls["qkv"]) == ([expected[mode][0]] * 2, [expected[mode][1]] * 2), mode
+        for name, g in ref.items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6, msg=f"{mode}: {name}")
+    # no recomputation outside training or without grad
+    vit = small_vit(grad_checkpointing="selective").eval()
+    vit.blocks[0].mlp.register_forward_pre_hook(lambda m, a: calls.setdefault("eval", []).append(1))
+    vit(x, d).sum().backward()
+    assert calls["eval"] == [1]
+
+
+def test_grad_checkpointing_accepts_the_old_boolean_and_rejects_unknown_modes():
+    assert small_vit(grad_checkpointing=True).grad_checkpointing == "full"
+    assert small_vit(grad_checkpointing=False).grad_checkpointing == "none"
+    assert small_vit().grad_checkpointing == "none"
+    vit = small_vit(grad_checkpointing="selective")
+    vit.grad_checkpointing = True
+    assert vit.grad_checkpointing == "full"
+    with pytest.raises(ValueError, match=r"'none', 'full', 'selective'"):
+        small_vit(grad_checkpointing="partial")
+    with pytest.raises(ValueError, match="grad_checkpointing"):
+        vit.grad_checkpointing = 1
+
+
+def test_grad_checkpointing_config_values_from_yaml_and_cli(tmp_path):
+    from volvlp_ray.config import ConfigError, config_from_dict, load_config
+
+    for raw, mode in (("true", "full"), ("false", "none"), ("none", "none"), ("selective", "selective"),
+                      ("full", "full")):
+        (tmp_path / "c.yaml").write_text(f"model:\n  grad_checkpointing: {raw}\n")
+        assert load_config(tmp_path / "c.yaml").model.grad_checkpointing == mode, raw
+        assert load_config(None, [f"model.grad_checkpointing={raw}"]).model.grad_checkpointing == mode, raw
+    assert config_from_dict({"model": {"grad_checkpointing": True}}).model.grad_checkpointing == "full"
+    with pytest.raises(ConfigError, match=r"model.grad_checkpointing='some'.*'none', 'full', 'selective'"):
+        load_config(None, ["model.grad_checkpointing=some"])
 
 
 @pytest.mark.parametrize(
@@ -199,9 +254,10 @@ def test_muon_adamw_naming_contract(tokenizer, pool):
 
 
 def test_vit_from_config_and_logit_scale(tokenizer):
-    cfg = ModelConfig(preset="tiny", pool="mean", patch=[2, 8, 8], grad_checkpointing=True)
+    cfg = ModelConfig(preset="tiny", pool="mean", patch=[2, 8, 8], grad_checkpointing="selective")
     vit = vit3d_from_config(cfg)
-    assert (vit.dim, vit.patch, vit.pool, vit.grad_checkpointing) == (96, (2, 8, 8), "mean", True)
+    assert (vit.dim, vit.patch, vit.pool, vit.grad_checkpointing) == (96, (2, 8, 8), "mean", "selective")
+    assert ModelConfig(grad_checkpointing=True).grad_checkpointing == "full"  # the old boolean
     model = build_model(ModelConfig(), tokenizer).eval()
     batch = tokenizer(["no effusion", "lung nodule present"], padding=True, return_tensors="pt")
     out = model(torch.randn(2, 1, 8, 64, 64), None, batch["input_ids"], batch["attention_mask"])

@@ -37,7 +37,7 @@ import torch
 
 from volvlp_ray.benchmarks import write_report
 
-__all__ = ["CASES", "add_arguments", "flops_per_sample", "main", "measure", "run"]
+__all__ = ["CASES", "add_arguments", "build_settings", "flops_per_sample", "main", "measure", "run"]
 
 CASES: dict[str, dict[str, Any]] = {
     "tiny": dict(size=64, depth=32, patch=(4, 16, 16), batch_size=4, text_model="scratch-tiny"),
@@ -200,6 +200,7 @@ def measure(s: dict[str, Any]) -> dict[str, Any]:
         "world_size": world,
         "engine": {"optimizer": type(engine.optimizer).__name__, "bf16": engine.bfloat16_enabled(),
                    "zero_stage": engine.zero_optimization_stage()},
+        "device_name": torch.cuda.get_device_name(device) if gpu else None,
     }
 
 
@@ -230,23 +231,39 @@ def _measure_direct(s: dict[str, Any]) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
-def _direct_child(s: dict[str, Any], path: str) -> None:
-    Path(path).write_text(json.dumps(_measure_direct(s)))
+def _direct_child(s: dict[str, Any], path: str, target: Any = None) -> None:
+    try:
+        result = (target or _measure_direct)(s)
+    except BaseException as exc:  # the parent reports it (an OOM, an unavailable SDPA kernel, ...)
+        Path(path).write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+        raise
+    Path(path).write_text(json.dumps({"result": result}))
 
 
-def _measure_direct_in_child(s: dict[str, Any]) -> dict[str, Any]:
-    """:func:`_measure_direct` in a fresh (spawned) process: nothing of it stays in this one, so the GPU memory
-    it used is free again for the Ray Train worker that runs next."""
+def _measure_direct_in_child(s: dict[str, Any], timeout_s: float | None = None, target: Any = None) -> dict[str, Any]:
+    """:func:`_measure_direct` (or ``target(s)``, a picklable module-level function) in a fresh (spawned)
+    process: nothing of it stays in this one, so the GPU memory it used is free again for the Ray Train worker
+    (or the next case) that runs next. A failure in the child is a ``RuntimeError`` carrying its error; past
+    ``timeout_s`` the child is stopped and a ``TimeoutError`` raised."""
     import multiprocessing
 
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "direct.json")
-        child = multiprocessing.get_context("spawn").Process(target=_direct_child, args=(s, path))
+        child = multiprocessing.get_context("spawn").Process(target=_direct_child, args=(s, path, target))
         child.start()
-        child.join()
-        if child.exitcode != 0 or not os.path.exists(path):
-            raise RuntimeError(f"the direct benchmark process failed (exit code {child.exitcode}); see its output above")
-        return json.loads(Path(path).read_text())
+        child.join(timeout_s)
+        if child.is_alive():
+            child.terminate()
+            child.join(10)
+            if child.is_alive():
+                child.kill()
+                child.join()
+            raise TimeoutError(f"the benchmark process did not finish within {timeout_s:.0f} s and was stopped")
+        out = json.loads(Path(path).read_text()) if os.path.exists(path) else {}
+        if child.exitcode != 0 or "result" not in out:
+            raise RuntimeError(out.get("error") or f"the direct benchmark process failed (exit code {child.exitcode}); "
+                               "see its output above")
+        return out["result"]
 
 
 def _ray_loop(config: dict[str, Any]) -> None:
@@ -293,8 +310,7 @@ def _measure_ray(s: dict[str, Any], storage: str) -> dict[str, Any]:
     return out
 
 
-def run(
-    out: str | None = None,
+def build_settings(
     preset: str = "tiny",
     size: int | None = None,
     depth: int | None = None,
@@ -308,7 +324,7 @@ def run(
     optimizer: str = "adamw",
     device: str = "auto",
     bf16: bool | None = None,
-    grad_checkpointing: bool = False,
+    grad_checkpointing: str | bool = "none",
     compile: bool = False,
     attention: str = "auto",
     padded: bool = False,
@@ -316,23 +332,11 @@ def run(
     warmup: int = 2,
     peak_tflops: float | None = None,
     threads: int | None = None,
-    ray: bool = False,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Run the benchmark; write JSON to ``out`` (if given) and return the same dict.
-
-    Args:
-        preset: ViT3D preset; ``size`` (in-plane voxels), ``depth`` (slices), ``patch`` (z, y, x), ``batch_size``
-            and ``text_model`` default to ``CASES[preset]``.
-        text_length: tokens per text (all attended); vocab_size: tokenizer built from a small corpus.
-        zero, optimizer: DeepSpeed ZeRO stage and adamw | muon. device: auto | cpu | cuda.
-        bf16: None = bf16 on CUDA, fp32 on CPU; True on a machine without CUDA is an error.
-        grad_checkpointing, compile (``torch.compile`` of each vision block), attention (SDPA backend),
-        padded (a key-padding mask in attention): the options that change the step's speed.
-        steps / warmup: timed / untimed steps. peak_tflops: MFU denominator (default 989 on CUDA, none on CPU).
-        threads: torch threads (default 1 on CPU, like a training worker; torch's default on GPU).
-        ray: also run the step inside Ray Train with one worker and report the overhead.
-    """
+    """The validated settings of one measurement (defaults filled in; see :func:`run` for the arguments);
+    a ``ValueError`` names what cannot run here."""
+    from volvlp_ray.config import grad_checkpointing_mode
     from volvlp_ray.models import TEXT_PRESETS, VIT3D_PRESETS
 
     if preset not in VIT3D_PRESETS:
@@ -364,6 +368,7 @@ def run(
         raise ValueError(f"text_length must lie in [2, 512], got {text_length}")
     if attention not in ATTENTION_BACKENDS:
         raise ValueError(f"attention={attention!r} is not one of {list(ATTENTION_BACKENDS)}")
+    grad_checkpointing = grad_checkpointing_mode(grad_checkpointing, "grad_checkpointing")
     if steps < 1 or warmup < 0 or batch_size < 1:
         raise ValueError(f"need steps >= 1, warmup >= 0, batch_size >= 1; got {steps}, {warmup}, {batch_size}")
     if threads is None and device == "cpu":
@@ -376,6 +381,53 @@ def run(
         bf16=bf16, grad_checkpointing=grad_checkpointing, compile=compile, attention=attention, padded=padded,
         steps=steps, warmup=warmup, peak_tflops=peak_tflops, threads=threads, seed=seed,
     )
+    return settings
+
+
+def run(
+    out: str | None = None,
+    preset: str = "tiny",
+    size: int | None = None,
+    depth: int | None = None,
+    patch: tuple[int, int, int] | None = None,
+    batch_size: int | None = None,
+    text_model: str | None = None,
+    text_length: int = 192,
+    vocab_size: int = 2000,
+    pool: str = "cls",
+    zero: int = 2,
+    optimizer: str = "adamw",
+    device: str = "auto",
+    bf16: bool | None = None,
+    grad_checkpointing: str | bool = "none",
+    compile: bool = False,
+    attention: str = "auto",
+    padded: bool = False,
+    steps: int = 5,
+    warmup: int = 2,
+    peak_tflops: float | None = None,
+    threads: int | None = None,
+    ray: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run the benchmark; write JSON to ``out`` (if given) and return the same dict.
+
+    Args:
+        preset: ViT3D preset; ``size`` (in-plane voxels), ``depth`` (slices), ``patch`` (z, y, x), ``batch_size``
+            and ``text_model`` default to ``CASES[preset]``.
+        text_length: tokens per text (all attended); vocab_size: tokenizer built from a small corpus.
+        zero, optimizer: DeepSpeed ZeRO stage and adamw | muon. device: auto | cpu | cuda.
+        bf16: None = bf16 on CUDA, fp32 on CPU; True on a machine without CUDA is an error.
+        grad_checkpointing (none | selective | full; True / False = full / none), compile (``torch.compile`` of
+            each vision block), attention (SDPA backend), padded (a key-padding mask in attention): the options
+            that change the step's speed.
+        steps / warmup: timed / untimed steps. peak_tflops: MFU denominator (default 989 on CUDA, none on CPU).
+        threads: torch threads (default 1 on CPU, like a training worker; torch's default on GPU).
+        ray: also run the step inside Ray Train with one worker and report the overhead.
+    """
+    # every parameter but out / ray (locals() holds just the parameters here)
+    settings = build_settings(**{k: v for k, v in locals().items() if k not in ("out", "ray")})
+    device, patch = settings["device"], settings["patch"]
     started = time.perf_counter()
     # with --ray the direct run gets a process of its own, as the Ray Train worker does: its GPU memory is
     # released before the worker starts, and both start from the same state
@@ -424,7 +476,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 (default: on with CUDA, off on CPU; an error without CUDA)")
-    parser.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing (vision)")
+    parser.add_argument("--grad-checkpointing", nargs="?", const="full", default="none",
+                        choices=["none", "selective", "full"],
+                        help="activation checkpointing of the vision blocks (a bare flag = full)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each vision block")
     parser.add_argument("--attention", default="auto", choices=list(ATTENTION_BACKENDS), help="SDPA backend")
     parser.add_argument("--padded", action="store_true", help="pad half the batch: masked attention")

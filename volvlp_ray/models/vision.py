@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from volvlp_ray.config import ModelConfig
+from volvlp_ray.config import ModelConfig, grad_checkpointing_mode
 
 __all__ = [
     "VIT3D_PRESETS",
@@ -145,7 +145,12 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), x + mlp(norm(x)).
+
+    ``checkpoint_mlp=True`` (selective activation checkpointing) keeps the attention sub-layer's activations
+    and recomputes ``norm2`` + MLP in the backward pass: the MLP holds half of a block's saved activations but
+    is cheap to recompute, while attention's quadratic SDPA is the expensive part to run twice.
+    """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
         super().__init__()
@@ -155,9 +160,14 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, checkpoint_mlp: bool = False) -> Tensor:
         x = x + self.attn(self.norm1(x), cos, sin, mask)
-        return x + self.mlp(self.norm2(x))
+        if checkpoint_mlp:
+            return x + checkpoint(self._mlp, x, use_reentrant=False)
+        return x + self._mlp(x)
+
+    def _mlp(self, x: Tensor) -> Tensor:
+        return self.mlp(self.norm2(x))
 
 
 class AttentionPool(nn.Module):
@@ -194,7 +204,9 @@ class ViT3D(nn.Module):
         mlp_ratio: MLP hidden width / dim.
         pool: "cls" (a learned CLS token, unrotated, is prepended), "mean" (masked mean of patch tokens)
             or "attn" (a learned-query attention pool over the valid patch tokens).
-        grad_checkpointing: recompute each block in the backward pass (activation checkpointing).
+        grad_checkpointing: activation checkpointing in training: "none"; "selective" (keep attention's
+            activations, recompute norm2 + MLP of each block in the backward pass); "full" (keep only each
+            block's input, recompute the whole block). True / False (the old boolean) mean "full" / "none".
         rope_theta: RoPE base; angles are in units of patches.
     """
 
@@ -207,7 +219,7 @@ class ViT3D(nn.Module):
         in_chans: int = 1,
         mlp_ratio: float = 4.0,
         pool: str = "cls",
-        grad_checkpointing: bool = False,
+        grad_checkpointing: str | bool = "none",
         rope_theta: float = 100.0,
     ) -> None:
         super().__init__()
@@ -220,7 +232,9 @@ class ViT3D(nn.Module):
             raise ValueError(f"need positive dim, depth, heads with dim % heads == 0, got {dim=}, {depth=}, {heads=}")
         self.dim, self.depth, self.heads = dim, depth, heads
         self.patch, self.in_chans, self.mlp_ratio, self.pool = patch, in_chans, mlp_ratio, pool
-        self.grad_checkpointing = grad_checkpointing
+        self.grad_checkpointing = grad_checkpointing_mode(grad_checkpointing)
+        self.masked_attention_calls = 0
+        """Attention calls (blocks and pool) that received a padding mask, counted on the host (a plain int)."""
 
         self.patch_embed = nn.Conv3d(in_chans, dim, kernel_size=patch, stride=patch)
         self.cls_embed = nn.Parameter(torch.zeros(dim)) if pool == "cls" else None
@@ -244,6 +258,15 @@ class ViT3D(nn.Module):
         nn.init.zeros_(self.patch_embed.bias)
         if self.cls_embed is not None:
             nn.init.trunc_normal_(self.cls_embed, std=0.02)
+
+    @property
+    def grad_checkpointing(self) -> str:
+        """"none" | "selective" | "full"; setting True / False means "full" / "none"; anything else is an error."""
+        return self._grad_checkpointing
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, value: str | bool) -> None:
+        self._grad_checkpointing = grad_checkpointing_mode(value)
 
     # ----------------------------------------------------------------------------------------------------
 
@@ -283,7 +306,9 @@ class ViT3D(nn.Module):
         self._check(x, depths)
         tokens = self.patch_embed(x)  # (B, dim, gz, gy, gx)
         grid = tuple(tokens.shape[2:])
-        tokens = tokens.flatten(2).transpose(1, 2)  # (B, N, dim)
+        # contiguous: every block then sees inputs of one layout (a compiled block guards on strides, and on the
+        # view's base shape, which would recompile it per depth); the first LayerNorm would copy it anyway
+        tokens = tokens.flatten(2).transpose(1, 2).contiguous()  # (B, N, dim)
         valid = None if depths is None else self.valid_tokens(depths.to(x.device), grid, x.shape[2])
         n_prefix = 0
         if self.cls_embed is not None:
@@ -294,11 +319,14 @@ class ViT3D(nn.Module):
                 valid = torch.cat([valid.new_ones(valid.shape[0], 1), valid], dim=1)
         cos, sin = self.rope(grid, n_prefix, tokens.device)
         mask = None if valid is None else valid[:, None, None, :]
+        if mask is not None:
+            self.masked_attention_calls += len(self.blocks) + (self.attn_pool is not None)
+        mode = self.grad_checkpointing if self.training and torch.is_grad_enabled() else "none"
         for blk in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            if mode == "full":
                 tokens = checkpoint(blk, tokens, cos, sin, mask, use_reentrant=False)
             else:
-                tokens = blk(tokens, cos, sin, mask)
+                tokens = blk(tokens, cos, sin, mask, checkpoint_mlp=mode == "selective")
         return self.norm(tokens), valid
 
     def forward(self, x: Tensor, depths: Tensor | None = None) -> Tensor:

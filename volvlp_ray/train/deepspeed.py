@@ -25,7 +25,9 @@ from torch import nn
 
 from volvlp_ray.config import Config
 
-__all__ = ["MUON_EXCLUDED_NAMES", "compile_blocks", "deepspeed_config", "param_groups", "routes_to_muon"]
+__all__ = [
+    "COMPILE_VARIANTS", "MUON_EXCLUDED_NAMES", "compile_blocks", "deepspeed_config", "param_groups", "routes_to_muon",
+]
 
 MUON_EXCLUDED_NAMES = ("embed", "lm_head")
 """Name parts (lower-cased) that keep a >= 2-D parameter on AdamW: DeepSpeed 0.19's own rule."""
@@ -104,17 +106,47 @@ def deepspeed_config(cfg: Config, use_gpu: bool) -> dict[str, Any]:
     }
 
 
-def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> int:
+COMPILE_VARIANTS = 4
+"""Graphs a compiled block needs per token shape: with / without a key-padding mask x grad enabled (training) /
+disabled (validation, evaluation). Dynamo guards on both (a None mask, the global grad mode)."""
+
+
+def compile_blocks(model: nn.Module, distinct_lengths: int | None = None, **compile_kwargs: Any) -> int:
     """``torch.compile`` each vision transformer block in place (regional compilation); returns how many.
 
     ``nn.Module.compile`` keeps parameter names and state-dict keys unchanged, so DeepSpeed's Muon routing,
     checkpoints and exports are unaffected, and one compiled block graph is reused by every block of the same
     shape. Fuses RoPE, norms, GELU and the residual adds around the attention and matmul kernels.
     ``compile_kwargs`` go to ``torch.compile`` (e.g. ``mode="max-autotune-no-cudagraphs"``).
+
+    Variable depth: the token count changes from step to step (chunks of varying depth; the in-plane grid is
+    fixed). By default the blocks compile with ``dynamic=True``: the token (and batch) dimensions are symbolic, so
+    one graph per variant (:data:`COMPILE_VARIANTS`: mask or not, grad or not) serves every depth. Without it,
+    dynamo compiles a static graph for the first shape, a dynamic one for the second, and after
+    ``recompile_limit`` (8) graphs of one function silently runs it uncompiled. ``dynamic=False`` (a graph per
+    token count: the fastest kernels, one compile each) needs ``distinct_lengths``, the number of token counts
+    training will see; the recompile limit is raised to cover them all (and said so).
     """
+    import torch._dynamo
+
     blocks = getattr(getattr(model, "vision", model), "blocks", None)
     if blocks is None:
         raise ValueError(f"{type(model).__name__} has no vision transformer blocks to compile")
+    dynamic = compile_kwargs.setdefault("dynamic", True)
+    if dynamic is False and not distinct_lengths:
+        raise ValueError("compile_blocks(dynamic=False) compiles a graph per token count: give distinct_lengths, "
+                         "the number of different sequence lengths training sees, so the recompile limit covers them")
+    shapes = distinct_lengths if dynamic is False else 2  # automatic dynamic (None): static first, then dynamic
+    needed = COMPILE_VARIANTS * (1 if dynamic is True else shapes)
+    old = torch._dynamo.config.recompile_limit
+    if old < needed:
+        torch._dynamo.config.recompile_limit = needed
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
+                                                               needed)
     for blk in blocks:
         blk.compile(**compile_kwargs)
+    print(f"[compile] torch.compile of {len(blocks)} vision blocks, dynamic={dynamic}"
+          + (f" ({distinct_lengths} token counts)" if dynamic is False else "")
+          + f": up to {needed} graphs per block function; torch._dynamo recompile_limit "
+          + (f"raised {old} -> {needed}" if old < needed else f"{old}"), flush=True)
     return len(blocks)
