@@ -1,5 +1,5 @@
 """The equal-work sampler (``data/sampler.py``): every rank the same z-length in every step, no row lost or trained
-twice, deterministic and resumable; ranks simulated as threads with the same MIN agreement training uses."""
+twice, deterministic and resumable; ranks simulated as threads with the collectives training uses."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from volvlp_ray.benchmarks.scale import ThreadAgree
-from volvlp_ray.data.sampler import EqualTokenSampler, equal_token_steps, load_carry, save_carry
+from volvlp_ray.data.sampler import EqualTokenSampler, ThreadComm, equal_token_steps, load_carry, save_carry
 
 B, PZ = 4, 4
 
@@ -32,11 +31,11 @@ def run_epochs(world: int, mode: str, epochs: int, rows_per_rank: int = 40, samp
     carry = carry or [[] for _ in range(world)]
     out = []
     for epoch in range(first_epoch, first_epoch + epochs):
-        agree = ThreadAgree(world)
+        comm = ThreadComm(world)
         plans: list[list] = [[] for _ in range(world)]
 
-        def run(r: int, epoch=epoch, agree=agree, plans=plans, carry=carry) -> None:
-            gen = equal_token_steps(samplers[r], iter(_rows(r, epoch, rows_per_rank)), agree.for_rank(r), epoch,
+        def run(r: int, epoch=epoch, comm=comm, plans=plans, carry=carry) -> None:
+            gen = equal_token_steps(samplers[r], iter(_rows(r, epoch, rows_per_rank)), comm.for_rank(r), epoch,
                                     carry[r])
             plans[r] = list(gen)
 

@@ -113,7 +113,7 @@ def test_equal_sampler_batches_direct_equal_object_store(tmp_path, tokenizer, te
 
     from volvlp_ray.data.organs import chunk_text
     from volvlp_ray.data.pipeline import StepBatcher
-    from volvlp_ray.data.sampler import EqualTokenSampler, equal_token_steps
+    from volvlp_ray.data.sampler import EqualTokenSampler, LocalComm, equal_token_steps
 
     shard = str(tmp_path / "shard-00000-00.tar")
     volumes = _write_shard(shard, (9, 13, 14, 21, 16, 15, 12, 8))
@@ -124,7 +124,7 @@ def test_equal_sampler_batches_direct_equal_object_store(tmp_path, tokenizer, te
 
     def plans(rows):
         s = EqualTokenSampler(2, 4, text_mode, (1, 3), pool_rows=8, max_pool=8, seed=0, rank=0)
-        return list(equal_token_steps(s, iter(rows), lambda v: v, 0))
+        return list(equal_token_steps(s, iter(rows), LocalComm(), 0))
 
     pd, pc = plans(direct), plans(carried)
     assert len(pd) == len(pc) >= 3

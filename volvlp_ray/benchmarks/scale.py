@@ -6,8 +6,8 @@ Train's equal split deals rows (an epoch's shuffled rows, round-robin). Each ran
 training code that forms batches:
 
 - ``equal`` (``data.sampler=equal``): ``EqualTokenSampler`` / ``equal_token_steps`` from ``data/sampler.py``,
-  with ``agree`` = an element-wise MIN over the simulated ranks' count vectors (what the gloo all-reduce computes
-  in training);
+  with ``ThreadComm`` (simulated ranks as threads: the all-gather and row hand-over the gloo group does in
+  training);
 - ``bucket`` (``--baseline``; ``data.sampler=bucket``, the state before): ``rebatch`` + ``bucket_by_depth`` per
   rank with the rank-seeded order, organ chunks drawn per row by ``pipeline.draw_chunk``.
 
@@ -20,7 +20,8 @@ Per world size and text mode (report: whole volumes; organ: SigVLP chunks within
   mask reaches attention);
 - ``padded_token_fraction``: vision tokens that are padding;
 - ``distinct_token_lengths``: sequence lengths seen (each a compile of a shape-specialised graph);
-- equal only: ``cropped_slice_fraction`` (slices dropped beyond each volume's remainder: report mode's rare
+- equal only: ``rows_handed_over_fraction`` (rows of a step that another rank's pool held, report mode),
+  ``cropped_slice_fraction`` (slices dropped beyond each volume's remainder: report mode's rare
   fallback), ``remainder_slice_fraction`` (the < patch_z slices of remainder report mode crops), step kinds,
   mean pool rows.
 
@@ -98,30 +99,8 @@ def _rows(depths: np.ndarray, idx: np.ndarray) -> list[dict[str, Any]]:
     return [{"key": f"v{int(i)}", "depth": int(depths[i])} for i in idx]
 
 
-class ThreadAgree:
-    """``agree`` for ranks simulated as threads of one process: every rank hands in its count vector, all wait,
-    and each gets the element-wise MIN (what the gloo all-reduce gives in training)."""
-
-    def __init__(self, world: int):
-        self.world = world
-        self.parts: list[np.ndarray | None] = [None] * world
-        self.barrier = threading.Barrier(world)
-        self.rounds = 0
-
-    def for_rank(self, rank: int):
-        def agree(v: np.ndarray) -> np.ndarray:
-            self.parts[rank] = v
-            self.barrier.wait()
-            out = np.minimum.reduce(self.parts)
-            self.barrier.wait()  # nobody overwrites its part before every rank has read the round
-            if rank == 0:
-                self.rounds += 1
-            return out
-        return agree
-
-
 def _simulate_equal(cfg, depths, world, mode, epochs, seed, stats: _Stats) -> dict[str, Any]:
-    from volvlp_ray.data.sampler import EqualTokenSampler, equal_token_steps
+    from volvlp_ray.data.sampler import EqualTokenSampler, ThreadComm, equal_token_steps
 
     b, pz = cfg.train.batch_size, cfg.model.patch[0]
     samplers = [EqualTokenSampler(b, pz, mode, (cfg.data.chunk_depth[0] // pz, cfg.data.chunk_depth[1] // pz),
@@ -131,20 +110,20 @@ def _simulate_equal(cfg, depths, world, mode, epochs, seed, stats: _Stats) -> di
     cropped = remainder = slices = 0
     pool_rows: list[int] = []
     carry: list[list] = [[] for _ in range(world)]
-    rounds = 0
+    rounds = moved = 0
     for epoch in range(epochs):
         shares = _deal(depths, world, epoch, seed)
-        agree = ThreadAgree(world)
+        comm = ThreadComm(world)
         plans: list[list] = [[] for _ in range(world)]
         errors: list[BaseException] = []
 
         def run_rank(r: int) -> None:
             try:
-                plans[r] = list(equal_token_steps(samplers[r], iter(_rows(depths, shares[r])), agree.for_rank(r),
+                plans[r] = list(equal_token_steps(samplers[r], iter(_rows(depths, shares[r])), comm.for_rank(r),
                                                   epoch, carry[r]))
             except BaseException as exc:  # noqa: BLE001
                 errors.append(exc)
-                agree.barrier.abort()
+                comm.barrier.abort()
 
         threads = [threading.Thread(target=run_rank, args=(r,)) for r in range(world)]
         for t in threads:
@@ -155,7 +134,7 @@ def _simulate_equal(cfg, depths, world, mode, epochs, seed, stats: _Stats) -> di
             raise errors[0]
         if len({len(p) for p in plans}) != 1:
             raise RuntimeError(f"ranks took different step counts: {[len(p) for p in plans]}")
-        rounds += agree.rounds
+        rounds += comm.rounds
         for step_plans in zip(*plans):
             per_rank = []
             for p in step_plans:
@@ -168,6 +147,7 @@ def _simulate_equal(cfg, depths, world, mode, epochs, seed, stats: _Stats) -> di
                     if mode == "report":
                         remainder += d % pz
                 pool_rows.append(p.pool_rows)
+                moved += p.meta.get("received", 0)
             stats.step(per_rank)
         carry = [list(s.pool) for s in samplers]
     steps = max(len(stats.useful), 1)
@@ -175,6 +155,7 @@ def _simulate_equal(cfg, depths, world, mode, epochs, seed, stats: _Stats) -> di
             "remainder_slice_fraction": remainder / max(slices, 1),
             "mean_pool_rows": float(np.mean(pool_rows)) if pool_rows else 0.0,
             "agreements_per_step": rounds / steps,
+            "rows_handed_over_fraction": moved / max(steps * world * b, 1),
             "carry_rows_at_end": int(sum(len(c) for c in carry))}
 
 

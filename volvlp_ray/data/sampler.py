@@ -5,43 +5,47 @@ so what varies (chunk depth, volume depth) must vary *between* steps, not betwee
 batch whose samples share one depth needs no attention mask (SDPA keeps its flash / cuDNN kernels).
 
 Each rank keeps a **pool** of rows from its own stream (rows are small: with ``data.volume_transport=direct``
-they hold where the voxels lie, not the voxels). Before every step the ranks agree, with one element-wise MIN
-all-reduce of two small count vectors on the host (no device, see ``agree``), on what every rank can serve:
+they hold where the voxels lie, not the voxels). Before every step every rank gets every rank's count of pool
+rows per depth group (``depth // patch_z``: whole z patches), one small all-gather on the host over a gloo group
+of its own (``Comm``; no device, no interleaving with the step's collectives), and all decide the same:
 
 - ``organ`` text mode (SigVLP chunks): a chunk length ``L`` (z patches) is drawn from a generator every rank
   shares, ``(seed, epoch, step)``, uniform over ``data.chunk_depth``, and lowered, if needed, to the largest
   length for which every rank holds ``batch_size`` volumes at least that deep. Each rank then takes the first
   ``batch_size`` rows of its pool (arrival order) that are deep enough and cuts a random chunk of exactly ``L``
-  z patches from each; the chunk's organ-wise text is made then (``batch_rows`` in ``pipeline``).
-- ``report`` text mode (whole volumes): rows are grouped by ``depth // patch_z`` (whole z patches; the at most
-  ``patch_z - 1`` slices of remainder are cropped, half at each end). A group that every rank holds at least
-  ``batch_size`` rows of is *feasible*; one is drawn with the shared generator, weighted by the rows the ranks
-  hold of it, and every rank takes its first ``batch_size`` rows of that group. When none is feasible the pool
-  grows by one batch of rows and the ranks agree again, up to ``max_pool`` rows; only then (rare: measured by
-  ``jobs/benchmark.py scale``) a step crops deeper volumes to the deepest length every rank can serve
-  (``cropped`` slices are counted).
+  z patches from each; the chunk's organ-wise text is made then (``pipeline.StepBatcher``).
+- ``report`` text mode (whole volumes): a group is *feasible* when the ranks hold, all together, ``world x
+  batch_size`` rows of it; one is drawn with the shared generator, weighted by those rows. Every rank takes its
+  own rows of the group up to its batch; rows beyond that are handed to ranks short of theirs
+  (``Comm.exchange``: with the direct transport a row is a reference and tokens, a few KB), so the rarer depths
+  need pools of about ``groups x batch_size`` rows *in all*, not on every rank. Volumes lose only their
+  remainder (< ``patch_z`` slices, half at each end). When no group is feasible the pools grow by a batch of
+  rows and the ranks gather again, up to ``max_pool`` rows per rank in all; only then (rare: measured by
+  ``jobs/benchmark.py scale``) a step crops deeper volumes to the deepest length the rows can fill (``cropped``
+  slices are counted).
 
 So every rank's vision tower sees ``batch_size x L x (H/ph) x (W/pw)`` tokens in every step, ``L`` changes from
-step to step, and no padding exists. Rows not used by the end of an epoch's stream (groups too rare to fill a
-step on every rank) are **carried** into the next epoch's pool; the carry at the start of an epoch is saved with
-each checkpoint (``save_carry``), so a resumed run replays the interrupted epoch exactly: the same carry, the
-same stream, the same agreed draws.
+step to step, and no padding exists. Rows not used by the end of an epoch's streams (groups too rare to fill a
+step) are **carried** into the next epoch's pool; the carry at the start of an epoch is saved with each
+checkpoint (``save_carry``), so a resumed run replays the interrupted epoch exactly: the same carry, the same
+stream, the same shared draws.
 
-The sampler is the same code in training (``agree`` = a gloo all-reduce over the training workers) and in the
-scale benchmark (``agree`` = a MIN over simulated ranks in one process).
+The sampler is the same code in training (``Comm`` = a gloo group of the training workers) and in the scale
+benchmark and tests (``ThreadComm``: ranks as threads of one process).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 __all__ = [
-    "EqualTokenSampler", "Plan", "describe", "equal_token_steps", "load_carry", "rows_of", "save_carry", "stack_rows",
+    "Comm", "EqualTokenSampler", "LocalComm", "Plan", "ThreadComm", "describe", "equal_token_steps", "load_carry",
+    "rows_of", "save_carry", "stack_rows",
 ]
 
 MAX_GROUPS = 512
@@ -88,6 +92,69 @@ def stack_rows(rows: list[Row]) -> dict[str, np.ndarray]:
     return out
 
 
+class Comm(Protocol):
+    """How the ranks of one step talk (host-side, small messages): a gloo group in training (``train/loop.py``),
+    threads in the scale benchmark and the tests (``ThreadComm``)."""
+
+    rank: int
+    world: int
+
+    def all_gather(self, v: np.ndarray) -> np.ndarray:
+        """Every rank's ``v`` (same shape everywhere), stacked in rank order: (world, *v.shape)."""
+
+    def exchange(self, rows: list[Row]) -> list[list[Row]]:
+        """Every rank's ``rows`` (any lengths), in rank order."""
+
+
+class LocalComm:
+    """One rank: nothing to agree with."""
+
+    rank, world = 0, 1
+
+    def all_gather(self, v: np.ndarray) -> np.ndarray:
+        return v[None]
+
+    def exchange(self, rows: list[Row]) -> list[list[Row]]:
+        return [rows]
+
+
+class ThreadComm:
+    """Ranks simulated as threads of one process (the scale benchmark, tests): the same collectives as the gloo
+    group in training, with a barrier."""
+
+    def __init__(self, world: int):
+        import threading
+
+        self.world = world
+        self._parts: list[Any] = [None] * world
+        self.barrier = threading.Barrier(world)
+        self.rounds = 0
+
+    def _gather(self, rank: int, value: Any) -> list[Any]:
+        self._parts[rank] = value
+        self.barrier.wait()
+        out = list(self._parts)
+        self.barrier.wait()  # nobody overwrites its part before every rank has read the round
+        return out
+
+    def for_rank(self, rank: int) -> "Comm":
+        outer = self
+
+        class _Rank:
+            def __init__(self):
+                self.rank, self.world = rank, outer.world
+
+            def all_gather(self, v: np.ndarray) -> np.ndarray:
+                if rank == 0:
+                    outer.rounds += 1
+                return np.stack(outer._gather(rank, v))
+
+            def exchange(self, rows: list[Row]) -> list[list[Row]]:
+                return outer._gather(rank, rows)
+
+        return _Rank()
+
+
 class EqualTokenSampler:
     """One rank's pool and its share of each agreed step (see the module docstring).
 
@@ -97,7 +164,7 @@ class EqualTokenSampler:
         mode: "report" (whole volumes, grouped by z patches) or "organ" (chunks of an agreed length).
         chunk_patches: (lo, hi) chunk length in z patches (organ mode).
         pool_rows: rows the pool is filled to before each step.
-        max_pool: rows the pool may grow to while no report-mode group is feasible.
+        max_pool: rows per rank the pools may grow to (in all) while no report-mode group can fill a step.
         seed, rank: the shared draws use ``(seed, epoch, step)``, the chunk starts also ``rank``.
     """
 
@@ -130,67 +197,107 @@ class EqualTokenSampler:
         return len(self.pool)
 
     def summary(self, more: bool) -> np.ndarray:
-        """What this rank can serve: [rows per group (MAX_GROUPS), rows at least g deep (MAX_GROUPS),
-        ``more`` (1 while the stream has rows)], int64. The ranks MIN-reduce it (``agree``)."""
+        """What this rank holds: [rows per group (MAX_GROUPS), ``more`` (1 while its stream has rows), pool rows],
+        int32. Every rank gets every rank's (``Comm.all_gather``)."""
         exact = np.bincount(np.asarray(self._groups, dtype=np.int64), minlength=MAX_GROUPS)[:MAX_GROUPS]
-        at_least = np.cumsum(exact[::-1])[::-1]
-        return np.concatenate([exact, at_least, [int(more)]]).astype(np.int64)
+        return np.concatenate([exact, [int(more), len(self.pool)]]).astype(np.int32)
 
     # -- one step --------------------------------------------------------------------------------------
 
-    def plan(self, agreed: np.ndarray, epoch: int, step: int, attempt: int, force: bool) -> Plan | None:
-        """This rank's rows of the step the agreed counts allow, removed from the pool; ``None`` when no
-        report-mode group is feasible and ``force`` is off (grow the pool and agree again)."""
-        b = self.batch_size
-        exact, at_least = agreed[:MAX_GROUPS], agreed[MAX_GROUPS:2 * MAX_GROUPS]
-        deepest = int(np.nonzero(at_least >= b)[0].max(initial=0))  # every rank has b rows >= this deep
-        if deepest < 1:
-            return None
+    def plan(self, gathered: np.ndarray, comm: Comm, epoch: int, step: int, attempt: int, force: bool) -> Plan | None:
+        """This rank's rows of the step that every rank's counts (``gathered``, (world, MAX_GROUPS + 2)) allow,
+        removed from the pool; ``None`` when no step is possible yet (grow the pools and gather again). In report
+        mode, rows another rank needs are handed over through ``comm.exchange`` (all ranks call it together)."""
+        b, world = self.batch_size, gathered.shape[0]
+        exact = gathered[:, :MAX_GROUPS].astype(np.int64)
+        at_least = np.cumsum(exact[:, ::-1], axis=1)[:, ::-1]  # (world, G): rows at least g deep
         shared = np.random.default_rng([self.seed, epoch, step, attempt, 3])
-        groups = np.asarray(self._groups)
-        if self.mode == "organ":
+        groups = np.asarray(self._groups, dtype=np.int64)
+        if self.mode == "organ":  # every rank cuts its own rows: only the length is agreed
+            deepest = int(np.nonzero(at_least.min(axis=0) >= b)[0].max(initial=0))
+            if deepest < 1:
+                return None
             lo, hi = self.chunk_patches
             z = min(int(shared.integers(lo, hi + 1)), deepest)
             idx = np.nonzero(groups >= z)[0][:b]
-            kind = "chunk"
-        else:
-            feasible = np.nonzero(exact >= b)[0]
-            if len(feasible):
-                weights = exact[feasible].astype(np.float64)
-                z = int(shared.choice(feasible, p=weights / weights.sum()))
-                idx = np.nonzero(groups == z)[0][:b]
-                kind = "exact"
-            elif force:
-                z = deepest  # the closest deeper volumes, cropped to the deepest common length
-                cand = np.nonzero(groups >= z)[0]
-                idx = cand[np.argsort(groups[cand], kind="stable")][:b]
-                kind = "fallback"
-            else:
+            return self._cut(idx, [], z, "chunk", epoch, step, attempt)
+        # report mode: one group for the whole step, from the rows of all ranks
+        total = exact.sum(axis=0)
+        feasible = np.nonzero(total >= world * b)[0]
+        if len(feasible):
+            weights = total[feasible].astype(np.float64)
+            z = int(shared.choice(feasible, p=weights / weights.sum()))
+            counts = exact[:, z]
+            mine = np.nonzero(groups == z)[0]
+            kind = "exact"
+        elif force:  # the deepest length the rows of all ranks can fill; deeper volumes are cropped to it
+            z = int(np.nonzero(at_least.sum(axis=0) >= world * b)[0].max(initial=0))
+            if z < 1:
                 return None
-        rows = [self.pool[i] for i in idx]
+            counts = at_least[:, z]
+            cand = np.nonzero(groups >= z)[0]
+            mine = cand[np.argsort(groups[cand], kind="stable")]  # the closest depths first
+            kind = "fallback"
+        else:
+            return None
+        take = _shares(counts, b, step)
+        keep = min(int(take[self.rank]), b)
+        own, surplus = mine[:keep], mine[keep:int(take[self.rank])]
+        # rows beyond its batch go to ranks short of theirs: ranks in order, surplus in rank order
+        handed = [self.pool[i] for i in surplus]
+        received = comm.exchange(handed)
+        flat = [r for part in received for r in part]
+        deficit = b - np.minimum(take, b)
+        start = int(deficit[:self.rank].sum())
+        extra = flat[start:start + int(deficit[self.rank])]
+        return self._cut(np.concatenate([own, surplus]), extra, z, kind, epoch, step, attempt, keep_rows=len(own))
+
+    def _cut(self, idx: np.ndarray, extra: list[Row], z: int, kind: str, epoch: int, step: int, attempt: int,
+             keep_rows: int | None = None) -> Plan:
+        """Remove ``idx`` from the pool; the step's rows are the first ``keep_rows`` of them plus ``extra`` (rows
+        handed over by other ranks)."""
+        rows = [self.pool[i] for i in idx[:keep_rows]] + list(extra)
         n = z * self.patch_z
-        own = np.random.default_rng([self.seed, epoch, step, self.rank, 7])
+        own_rng = np.random.default_rng([self.seed, epoch, step, self.rank, 7])
         starts, cropped = [], 0
         for r in rows:
             depth = int(r["depth"])
             if kind == "chunk":
-                starts.append(int(own.integers(0, depth - n + 1)))
+                starts.append(int(own_rng.integers(0, depth - n + 1)))
             else:  # centre the crop: the remainder (and a fallback's excess) split between both ends
                 starts.append((depth - n) // 2)
                 cropped += depth - depth % self.patch_z - n
-        keep = np.ones(len(self.pool), bool)
-        keep[idx] = False
-        self.pool = [r for r, k in zip(self.pool, keep) if k]
-        self._groups = [g for g, k in zip(self._groups, keep) if k]
-        return Plan(rows, z, starts, kind, cropped=cropped, attempts=attempt + 1)
+        drop = np.zeros(len(self.pool), bool)
+        drop[np.asarray(idx, dtype=np.int64)] = True
+        self.pool = [r for r, d in zip(self.pool, drop) if not d]
+        self._groups = [g for g, d in zip(self._groups, drop) if not d]
+        return Plan(rows, z, starts, kind, cropped=cropped, attempts=attempt + 1,
+                    meta={"handed_over": int(drop.sum()) - (len(rows) - len(extra)), "received": len(extra)})
 
 
-def equal_token_steps(sampler: EqualTokenSampler, rows: Iterator[Row], agree: Callable[[np.ndarray], np.ndarray],
-                      epoch: int, carry: list[Row] | None = None) -> Iterator[Plan]:
+def _shares(counts: np.ndarray, batch_size: int, step: int) -> np.ndarray:
+    """How many of its candidate rows each rank gives to a step of ``world x batch_size`` rows: first its own
+    batch's worth (so few rows move), then the rest from ranks with more, starting at a rank that turns with
+    ``step`` (so no rank's pool is always drained last)."""
+    world = len(counts)
+    take = np.minimum(counts, batch_size)
+    need = world * batch_size - int(take.sum())
+    for k in range(world):
+        if need <= 0:
+            break
+        r = (step + k) % world
+        extra = min(int(counts[r] - take[r]), need)
+        take[r] += extra
+        need -= extra
+    return take
+
+
+def equal_token_steps(sampler: EqualTokenSampler, rows: Iterator[Row], comm: Comm, epoch: int,
+                      carry: list[Row] | None = None) -> Iterator[Plan]:
     """One epoch of agreed steps: ``carry`` (rows left from the last epoch) then ``rows`` (this rank's stream)
-    through ``sampler``; ``agree`` MIN-reduces a count vector over all ranks. Every rank takes the same number of
-    steps. When the stream ends, steps go on while a group is feasible; what is left stays in ``sampler.pool``
-    (the next epoch's carry)."""
+    through ``sampler``; ``comm`` gathers every rank's counts before each step. Every rank takes the same number
+    of steps. When every rank's stream has ended, steps go on while one is possible; what is left stays in
+    ``sampler.pool`` (the next epoch's carry)."""
     sampler.pool, sampler._groups = [], []
     sampler.add(carry or [])
     more = True
@@ -210,17 +317,16 @@ def equal_token_steps(sampler: EqualTokenSampler, rows: Iterator[Row], agree: Ca
             pull(sampler.pool_rows - len(sampler))
         attempt = 0
         while True:
-            agreed = agree(sampler.summary(more))
-            all_more = bool(agreed[-1])
-            at_cap = len(sampler) >= sampler.max_pool
-            plan = sampler.plan(agreed, epoch, step, attempt, force=at_cap)
+            gathered = comm.all_gather(sampler.summary(more))
+            any_more = bool(gathered[:, MAX_GROUPS].max())
+            at_cap = int(gathered[:, MAX_GROUPS + 1].sum()) >= comm.world * sampler.max_pool
+            plan = sampler.plan(gathered, comm, epoch, step, attempt, force=at_cap)
             if plan is not None:
                 break
-            if not all_more:  # some rank's stream is done and nothing is feasible: the epoch ends
-                if more:  # this rank still has rows (unequal streams): they join the carry
-                    pull(1 << 62)
+            if not any_more:  # every stream is done and no step is possible: the epoch ends
                 return
-            pull(sampler.batch_size)
+            if more:
+                pull(sampler.batch_size)
             attempt += 1
         plan.pool_rows = len(sampler) + len(plan.rows)
         yield plan

@@ -290,21 +290,18 @@ class TrainStream:
         self.batcher = StepBatcher(cfg, tokenizer)
         self._carries: dict[int, list] = {}
         self.sampler = None
-        self.group = None
-        if cfg.data.sampler == "equal" and world > 1:
-            # created here, in the main thread, by every rank in the same order (a collective)
-            self.group = dist.new_group(backend="gloo")
+        self.comm = None
+        if cfg.data.sampler == "equal":
+            from volvlp_ray.data.sampler import LocalComm
+
+            # a gloo group of its own, created here in the main thread by every rank in the same order (a
+            # collective): the producer thread's agreements never interleave with the step's collectives
+            self.comm = GlooComm(dist.new_group(backend="gloo"), rank, world) if world > 1 else LocalComm()
 
     def carry_of(self, epoch: int) -> list:
         """The rows carried into ``epoch``'s pool (saved with a checkpoint taken during it)."""
         return self._carries.get(epoch, [])
 
-    def agree(self, counts: np.ndarray) -> np.ndarray:
-        if self.group is None:
-            return counts
-        t = torch.from_numpy(counts)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
-        return t.numpy()
 
     def _epoch_batches(self, epoch: int):
         from volvlp_ray.data.bucketing import rebatch
@@ -334,7 +331,7 @@ class TrainStream:
                 carry = list(self.sampler.pool)  # what the last epoch left
             self._carries = {epoch: carry}
             rows = (r for batch in batches for r in rows_of(batch))
-            for plan in equal_token_steps(self.sampler, rows, self.agree, epoch, carry):
+            for plan in equal_token_steps(self.sampler, rows, self.comm, epoch, carry):
                 yield plan
         else:
             from volvlp_ray.data.bucketing import bucket_by_depth
@@ -361,6 +358,24 @@ class TrainStream:
                 raise RuntimeError(
                     f"three epochs in a row gave no batch of {self.cfg.train.batch_size} rows per worker: the "
                     "training split is too small for train.batch_size x scaling.num_workers")
+
+
+class GlooComm:
+    """``data.sampler``'s ``Comm`` over a gloo process group: host tensors, no device involved."""
+
+    def __init__(self, group, rank: int, world: int):
+        self.group, self.rank, self.world = group, rank, world
+
+    def all_gather(self, v: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(v))
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t, group=self.group)
+        return torch.stack(parts).numpy()
+
+    def exchange(self, rows: list) -> list[list]:
+        out: list = [None] * self.world
+        dist.all_gather_object(out, rows, group=self.group)
+        return out
 
 
 class _Prepare:
