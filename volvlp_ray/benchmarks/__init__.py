@@ -1,4 +1,4 @@
-"""Benchmarks with JSON reports (``python jobs/benchmark.py {loss,model,data}``)."""
+"""Benchmarks with JSON reports (``python jobs/benchmark.py {loss,model,data,scale,gpu}``)."""
 
 from __future__ import annotations
 

@@ -187,7 +187,10 @@ def run(out: str | None = None, volumes: int = 200, val_volumes: int = 8, worksp
         workspace = tmp.name
     try:
         settings = [f"workspace={os.path.abspath(workspace)}", "data.source=synthetic", f"data.num_volumes={volumes}",
-                    f"data.num_val_volumes={val_volumes}", *(overrides or [])]
+                    f"data.num_val_volumes={val_volumes}",
+                    # the loader as Ray Data's rows + per-worker depth bucketing (the equal-work sampler, which
+                    # needs the workers' agreement, is measured by jobs/benchmark.py scale)
+                    "data.sampler=bucket", *(overrides or [])]
         cfg = load_config(None, settings)
         if not ray.is_initialized():
             start_local_ray(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level="WARNING")
