@@ -329,7 +329,9 @@ class TrainStream:
                 carry = self.carry
             else:
                 carry = list(self.sampler.pool)  # what the last epoch left
-            self._carries = {epoch: carry}
+            # the producer runs ahead (into the next epoch, too) of the batch a checkpoint is taken at
+            self._carries = {e: c for e, c in self._carries.items() if e >= epoch - 2}
+            self._carries[epoch] = carry
             rows = (r for batch in batches for r in rows_of(batch))
             for plan in equal_token_steps(self.sampler, rows, self.comm, epoch, carry):
                 yield plan
