@@ -366,7 +366,7 @@ class _BatchBuffers:
         return np.empty(n, dtype=np.int16)
 
 
-_buffers = _BatchBuffers()
+_buffers = _BatchBuffers(keep=3)  # the batch in the step, one queued, one being made (producer depth 2)
 _pinned_buffers = _BatchBuffers(pin=True)
 
 

@@ -74,6 +74,7 @@ class ReadyBatch:
     vision_tokens: int  # patch tokens this rank's vision tower processes
     truncated: int
     pair_valid: float
+    carry: list  # data.sampler=equal: the rows this batch's epoch started with (saved with a checkpoint)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -93,7 +94,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
-    device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+    if use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)  # before DeepSpeed and the producer thread, which sets it for itself
+    else:
+        device = torch.device("cpu")
     if not use_gpu:
         torch.set_num_threads(max(1, cfg.scaling.cpus_per_worker))
     _seed_everything(cfg.seed)  # identical initial weights on every rank
@@ -172,7 +179,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     stream = TrainStream(cfg, ray.train.get_dataset_shard("train"), tokenizer, pairs, rank, world,
                          first_step=step, epoch=start_epoch, skip=skip_batches, carry=carry)
-    batches = BatchProducer(stream, _Prepare(cfg, device, use_gpu, pairs, rank), depth=2)
+    # on a GPU the producer's batches are already on the device: one ready ahead (plus the one being made and the
+    # one in the step: 3 batches of device memory); on the CPU two ahead
+    batches = BatchProducer(stream, _Prepare(cfg, device, use_gpu, pairs, rank), depth=1 if use_gpu else 2)
     train_step = _train_step_fn(cfg, engine, loss_fn, dtype, n_micro, micro)
     trace = _StepTrace(rank)  # test-only: VOLVLP_STEP_TRACE
     window = _Window(batches)
@@ -203,7 +212,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                           f"{val['val/zeroshot/mean/auroc']:.3f} ({val['val/seconds']:.1f}s)", flush=True)
             if step % cfg.train.checkpoint_every == 0 or final:
                 _save_and_report(engine, cfg, step, float(loss), rank, final, tokenizer, epoch=b.epoch,
-                                 batch_in_epoch=b.batch_in_epoch, carry=stream.carry_of(b.epoch), extra=val)
+                                 batch_in_epoch=b.batch_in_epoch, carry=b.carry, extra=val)
             elif val:
                 ray.train.report({"step": step, "loss": float(loss), "epoch": b.epoch, **val})
             if final:
@@ -288,7 +297,7 @@ class TrainStream:
         self.cfg, self.shard, self.pairs, self.rank, self.world = cfg, shard, pairs, rank, world
         self.first_step, self.epoch, self.skip, self.carry = first_step, epoch, skip, carry or []
         self.batcher = StepBatcher(cfg, tokenizer)
-        self._carries: dict[int, list] = {}
+        self._carry: list = []  # the current epoch's carry, handed along with each of its batches
         self.sampler = None
         self.comm = None
         if cfg.data.sampler == "equal":
@@ -297,11 +306,6 @@ class TrainStream:
             # a gloo group of its own, created here in the main thread by every rank in the same order (a
             # collective): the producer thread's agreements never interleave with the step's collectives
             self.comm = GlooComm(dist.new_group(backend="gloo"), rank, world) if world > 1 else LocalComm()
-
-    def carry_of(self, epoch: int) -> list:
-        """The rows carried into ``epoch``'s pool (saved with a checkpoint taken during it)."""
-        return self._carries.get(epoch, [])
-
 
     def _epoch_batches(self, epoch: int):
         from volvlp_ray.data.bucketing import rebatch
@@ -329,9 +333,7 @@ class TrainStream:
                 carry = self.carry
             else:
                 carry = list(self.sampler.pool)  # what the last epoch left
-            # the producer runs ahead (into the next epoch, too) of the batch a checkpoint is taken at
-            self._carries = {e: c for e, c in self._carries.items() if e >= epoch - 2}
-            self._carries[epoch] = carry
+            self._carry = carry  # travels with each batch: the producer runs ahead of the checkpointing loop
             rows = (r for batch in batches for r in rows_of(batch))
             for plan in equal_token_steps(self.sampler, rows, self.comm, epoch, carry):
                 yield plan
@@ -351,7 +353,7 @@ class TrainStream:
                 if epoch == self.epoch and n <= self.skip:
                     continue  # trained on before the checkpoint: the sampler's state advances, no voxels read
                 batch = self.batcher(item) if self.cfg.data.sampler == "equal" else item
-                yield epoch, n, self.first_step + produced, batch
+                yield epoch, n, self.first_step + produced, batch, self._carry
                 produced += 1
                 if produced >= needed:
                     return
@@ -387,13 +389,17 @@ class _Prepare:
     def __init__(self, cfg: Config, device: torch.device, use_gpu: bool, pairs, rank: int):
         self.cfg, self.device, self.pin, self.pairs, self.rank = cfg, device, use_gpu, pairs, rank
         self.stream = torch.cuda.Stream(device) if use_gpu else None
+        self._device_set = False
         self.grid_yx = (cfg.data.in_plane_size // cfg.model.patch[1]) * (cfg.data.in_plane_size // cfg.model.patch[2])
 
     def __call__(self, item) -> ReadyBatch:
         from volvlp_ray.data.pipeline import collate
         from volvlp_ray.train.producer import to_device
 
-        epoch, n, step, np_batch = item
+        epoch, n, step, np_batch, carry = item
+        if self.stream is not None and not self._device_set:  # the CUDA device is per thread
+            torch.cuda.set_device(self.device)
+            self._device_set = True
         cfg = self.cfg
         pz = cfg.model.patch[0]
         t = collate(np_batch, pz, tuple(cfg.data.hu_window), hu=True, pin=self.pin)
@@ -414,7 +420,7 @@ class _Prepare:
         t = to_device(t, self.device, self.stream)
         return ReadyBatch(epoch=epoch, batch_in_epoch=n, step=step, tensors=t, depths=depths if padded else None,
                           samples=b, vision_tokens=b * (d // pz) * self.grid_yx, truncated=truncated,
-                          pair_valid=pair_valid)
+                          pair_valid=pair_valid, carry=carry)
 
 
 class _Window:
