@@ -479,6 +479,8 @@ class _StepTrace:
         d = os.environ.get("VOLVLP_STEP_TRACE")
         self.path = os.path.join(d, f"rank_{rank}.jsonl") if d else None
         self.rank = rank
+        if d:
+            os.makedirs(d, exist_ok=True)
 
     def write(self, step: int, b: ReadyBatch, module) -> None:
         if self.path is None:
