@@ -155,8 +155,12 @@ def test_prepare_job_on_s3_equals_the_local_job(s3, tmp_path, capsys):
             for key, row in local.items():
                 assert np.array_equal(remote[key]["volume"], row["volume"])
                 assert np.array_equal(remote[key]["input_ids"], row["input_ids"])
-    # the training stream (data.volume_transport=direct) carries where the voxels lie on S3; collate reads them
-    from volvlp_ray.data.pipeline import collate
+    # the training stream (data.volume_transport=direct) carries where the voxels lie on S3; the step's cut
+    # (StepBatcher: whole z patches, data.sampler=equal) moves the reference and collate reads the slices
+    from volvlp_ray.data.pipeline import StepBatcher, collate
+    from volvlp_ray.data.sampler import Plan
+
+    batcher = StepBatcher(cfg_s3, None)
 
     local = rows(cfg_local, "train")
     direct = list(build_dataset(cfg_s3, "train", tokenizer, training=True).iter_rows())
@@ -164,8 +168,12 @@ def test_prepare_job_on_s3_equals_the_local_job(s3, tmp_path, capsys):
     for r in direct:
         assert "volume" not in r and r["volume_location"].startswith(f"s3://{BUCKET}/shards/train/shard-")
         assert r["volume_location"].endswith(f"?{query}")
-        batch = collate({k: np.asarray([v]) for k, v in r.items()}, 4, (-1000, 1000), hu=True)
-        assert np.array_equal(batch["volume"][0, 0, :r["depth"]].numpy(), local[r["key"]]["volume"])
+        z = r["depth"] // 4
+        start = (r["depth"] - 4 * z) // 2
+        cut = batcher(Plan([{k: np.asarray(v) if k == "volume_shape" else v for k, v in r.items()}], z, [start], "exact"))
+        batch = collate(cut, 4, (-1000, 1000), hu=True)
+        assert batch["volume"].shape[2] == 4 * z
+        assert np.array_equal(batch["volume"][0, 0].numpy(), local[r["key"]]["volume"][start:start + 4 * z])
     assert resolve_data(cfg_local, s3_out, "valid")[0].data.shards_dir == s3_out  # jobs/evaluate.py --data s3://...
     assert resolve_data(cfg_local, storage.child(s3_out, "valid"), "test")[1:] == ("valid", "shards_valid")
 
