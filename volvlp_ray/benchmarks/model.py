@@ -384,33 +384,9 @@ def build_settings(
     return settings
 
 
-def run(
-    out: str | None = None,
-    preset: str = "tiny",
-    size: int | None = None,
-    depth: int | None = None,
-    patch: tuple[int, int, int] | None = None,
-    batch_size: int | None = None,
-    text_model: str | None = None,
-    text_length: int = 192,
-    vocab_size: int = 2000,
-    pool: str = "cls",
-    zero: int = 2,
-    optimizer: str = "adamw",
-    device: str = "auto",
-    bf16: bool | None = None,
-    grad_checkpointing: str | bool = "none",
-    compile: bool = False,
-    attention: str = "auto",
-    padded: bool = False,
-    steps: int = 5,
-    warmup: int = 2,
-    peak_tflops: float | None = None,
-    threads: int | None = None,
-    ray: bool = False,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Run the benchmark; write JSON to ``out`` (if given) and return the same dict.
+def run(out: str | None = None, ray: bool = False, **options: Any) -> dict[str, Any]:
+    """Run the benchmark; write JSON to ``out`` (if given) and return the same dict. ``options`` are
+    ``build_settings``' keywords (an unknown one is a ``TypeError``).
 
     Args:
         preset: ViT3D preset; ``size`` (in-plane voxels), ``depth`` (slices), ``patch`` (z, y, x), ``batch_size``
@@ -425,8 +401,7 @@ def run(
         threads: torch threads (default 1 on CPU, like a training worker; torch's default on GPU).
         ray: also run the step inside Ray Train with one worker and report the overhead.
     """
-    # every parameter but out / ray (locals() holds just the parameters here)
-    settings = build_settings(**{k: v for k, v in locals().items() if k not in ("out", "ray")})
+    settings = build_settings(**options)
     device, patch = settings["device"], settings["patch"]
     started = time.perf_counter()
     # with --ray the direct run gets a process of its own, as the Ray Train worker does: its GPU memory is
