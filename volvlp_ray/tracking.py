@@ -5,6 +5,8 @@ Tracking URI: ``tracking.tracking_uri`` if set, else ``$MLFLOW_TRACKING_URI``, e
 logs the resolved config as params and as ``config.yaml``; rank 0 of the workers logs step metrics to it through
 :class:`MetricLogger`, whose background thread does the sending: a tracking server that is down or slow never holds
 the training loop (values wait in memory, then in a local JSONL file that :func:`replay_metrics_file` sends later).
+After training the driver logs through :class:`PostTrainingLog`, which writes what the server does not take to the
+same file. Send such a file with ``python -m volvlp_ray.tracking replay FILE --tracking-uri URI`` (exactly once).
 
 Privacy: nothing here logs report text or voxels. Artifacts that could hold them (``log_text_artifact``,
 ``log_volume_artifact``) refuse unless the config opts in with ``tracking.log_text`` / ``tracking.log_volumes``.
@@ -12,6 +14,7 @@ Privacy: nothing here logs report text or voxels. Artifacts that could hold them
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import collections
 import functools
@@ -20,7 +23,11 @@ import logging
 import os
 import platform
 import random
+import re
+import shlex
+import shutil
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -29,8 +36,9 @@ from typing import Any
 from volvlp_ray.config import Config, config_to_dict, dump_yaml, flatten
 
 __all__ = [
-    "MetricLogger", "PrivacyError", "last_logged_step", "log_text_artifact", "log_volume_artifact",
-    "replay_metrics_file", "resolve_tracking_uri", "start_run", "system_info",
+    "MetricLogger", "PostTrainingLog", "PrivacyError", "last_logged_step", "log_text_artifact", "log_volume_artifact",
+    "replay_command", "replay_metrics_file", "resolve_tracking_uri", "set_run_status", "start_run", "system_info",
+    "unsent_metrics_path",
 ]
 
 _log = logging.getLogger(__name__)
@@ -49,6 +57,18 @@ def resolve_tracking_uri(cfg: Config) -> str:
         return os.environ["MLFLOW_TRACKING_URI"]
     cfg.workspace_path.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{cfg.workspace_path / 'mlflow.db'}"
+
+
+def unsent_metrics_path(cfg: Config, run_id: str) -> Path:
+    """Where a training run's MLflow data that could not be sent goes (rank 0's metrics, the driver's
+    post-training metrics, model and status): ``{workspace}/mlflow-unsent/{run_id}.jsonl``."""
+    return cfg.workspace_path / "mlflow-unsent" / f"{run_id}.jsonl"
+
+
+def replay_command(path: str | os.PathLike, tracking_uri: str) -> str:
+    """The shell command that sends an unsent file to MLflow (a password in the URI is masked)."""
+    uri = re.sub(r"(://[^/:@\s]+):[^@\s]+@", r"\1:***@", tracking_uri)
+    return f"python -m volvlp_ray.tracking replay {shlex.quote(str(path))} --tracking-uri {shlex.quote(uri)}"
 
 
 def system_info() -> dict[str, str]:
@@ -120,7 +140,9 @@ class MetricLogger:
     ``log()`` only appends to an in-memory buffer and returns; a daemon thread sends the buffer to MLflow in
     batches of ``batch_size`` values. While the tracking server is unreachable the thread retries with
     exponential backoff (``backoff_initial_s`` doubling up to ``backoff_max_s``), logs one warning when the
-    outage starts and one info line when the backlog has been sent; training goes on meanwhile.
+    outage starts and one info line when the backlog has been sent; training goes on meanwhile. With
+    ``console=True`` (rank 0 of a training run) these lines are printed to stdout instead, as
+    ``[mlflow] warning: ...`` / ``[mlflow] ...``, so that they reach the job's console.
 
     Exactly once: each value keeps the timestamp ``log()`` gave it, so a re-sent value is identical to the
     first (an SQL-backed MLflow store, the server's, keeps one row per (key, timestamp, step, value) and
@@ -132,7 +154,8 @@ class MetricLogger:
     Buffer: at most ``max_buffered`` values in memory. Past that the oldest are appended to
     ``fallback_path`` (a JSONL file; default ``./mlflow-unsent-metrics-{run_id}.jsonl``), with a warning
     naming it; ``close()`` appends there whatever is still unsent at its deadline. Such a file is sent later,
-    exactly once, with :func:`replay_metrics_file`. Nothing is dropped except NaN values (as before).
+    exactly once, with :func:`replay_metrics_file` (``python -m volvlp_ray.tracking replay FILE --tracking-uri
+    URI``). Nothing is dropped except NaN values (as before).
 
     The sender's own HTTP calls fail fast: it passes ``max_retries=0``, ``backoff_factor=0``,
     ``timeout=request_timeout_s`` to MLflow's ``http_request`` for its requests only (the values that
@@ -147,7 +170,7 @@ class MetricLogger:
     def __init__(self, tracking_uri: str, run_id: str, *, max_buffered: int = 100_000,
                  fallback_path: str | os.PathLike | None = None, batch_size: int = 500,
                  request_timeout_s: float = 10.0, backoff_initial_s: float = 0.5, backoff_max_s: float = 30.0,
-                 skip_timeout_s: float = 60.0, exit_timeout_s: float = 10.0):
+                 skip_timeout_s: float = 60.0, exit_timeout_s: float = 10.0, console: bool = False):
         from mlflow.tracking import MlflowClient
 
         if max_buffered < 1 or not 1 <= batch_size <= 1000:
@@ -161,7 +184,8 @@ class MetricLogger:
         self.fallback_path = Path(fallback_path) if fallback_path else default_path
         self._sender = _MetricSender(_Transport(tracking_uri, request_timeout_s), run_id, self.fallback_path,
                                      max_buffered=max_buffered, batch_size=batch_size,
-                                     backoff_initial_s=backoff_initial_s, backoff_max_s=backoff_max_s)
+                                     backoff_initial_s=backoff_initial_s, backoff_max_s=backoff_max_s,
+                                     console=console)
         # this instance's own hook (a fresh partial: atexit.unregister of it leaves other instances' hooks alone)
         self._exit_hook = functools.partial(self._sender.close, exit_timeout_s)
         atexit.register(self._exit_hook)
@@ -194,9 +218,9 @@ class MetricLogger:
         thread.start()
         thread.join(max(0.0, deadline - time.monotonic()) + 0.05)
         if "step" not in result:
-            _log.warning("MLflow tracking server did not return the history of %r within %.0f s (%s): no step is "
-                         "skipped, so steps already logged before this resume may be logged again",
-                         key, timeout_s, _short(result.get("error", "timed out")))
+            sender.say(logging.WARNING, f"MLflow tracking server did not return the history of {key!r} within "
+                       f"{timeout_s:.0f} s ({_reason(result.get('error', 'timed out'))}): no step is skipped, so steps "
+                       "already logged before this resume may be logged again")
             self.skip_through = -1
         else:
             self.skip_through = result["step"]
@@ -230,6 +254,22 @@ class MetricLogger:
         except Exception:  # noqa: BLE001
             pass
         self._sender.close(timeout_s)
+
+
+_CAUSES = (("Connection refused", "connection refused"), ("NewConnectionError", "cannot connect"),
+           ("ConnectionResetError", "connection reset"), ("Connection aborted", "connection aborted"),
+           ("RemoteDisconnected", "connection closed by the server"), ("timed out", "timed out"),
+           ("Name or service not known", "unknown host"))
+
+
+def _reason(exc: Any) -> str:
+    """Why a request failed, short: ``runs/log-batch: connection refused`` for MLflow's long connection errors."""
+    text = str(exc)
+    for pattern, said in _CAUSES:
+        if pattern in text:
+            m = re.search(r"/api/[\d.]+/mlflow/([\w/-]+)", text)
+            return f"{m.group(1)}: {said}" if m else said
+    return _short(exc)
 
 
 def _short(exc: Any, limit: int = 300) -> str:
@@ -315,29 +355,48 @@ class _Transport:
             if not token:
                 return out
 
-    def missing(self, run_id: str, points: list[tuple]) -> list[tuple]:
-        """``points`` less those the run already has (same key, step and timestamp)."""
+    def missing(self, run_id: str, points: list[tuple], once: bool = False) -> list[tuple]:
+        """``points`` less those the run already has (same key, step and timestamp; ``once``: same key and step,
+        whatever the timestamp -- a value logged once per step, such as the driver's post-training metrics)."""
         present: dict[str, set] = {}
         for key in {p[0] for p in points}:
-            present[key] = {(m.step, m.timestamp) for m in self.history(run_id, key)}
-        return [p for p in points if (p[3], p[2]) not in present[p[0]]]
+            present[key] = {m.step if once else (m.step, m.timestamp) for m in self.history(run_id, key)}
+        return [p for p in points if (p[3] if once else (p[3], p[2])) not in present[p[0]]]
+
+    def get_run(self, run_id: str):
+        return self.store.get_run(run_id) if self.store is not None else self.client.get_run(run_id)
+
+    def set_terminated(self, run_id: str, status: str, end_time: int) -> None:
+        if self.store is not None:
+            from mlflow.entities import RunStatus
+
+            self.store.update_run_info(run_id, RunStatus.from_string(status), end_time, None)
+        else:
+            self.client.set_terminated(run_id, status, end_time)
 
 
-def _append_jsonl(path: Path, run_id: str, points: list[tuple], tags: dict[str, str]) -> None:
+def _append_jsonl(path: Path, run_id: str, points: list[tuple], tags: dict[str, str], once: bool = False,
+                  records: list[dict] | None = None) -> None:
+    """Unsent data, one JSON object a line: metric values (``key``; ``once``: sent only if the key has no value at
+    that step), ``tag``s, and ``records`` (``artifacts``, ``model_export``, ``status``: see replay_metrics_file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         for k, v, ts, step in points:
-            f.write(json.dumps({"run_id": run_id, "key": k, "value": v, "timestamp": ts, "step": step}) + "\n")
+            rec = {"run_id": run_id, "key": k, "value": v, "timestamp": ts, "step": step}
+            f.write(json.dumps({**rec, "once": True} if once else rec) + "\n")
         for k, v in tags.items():
             f.write(json.dumps({"run_id": run_id, "tag": k, "value": v}) + "\n")
+        for rec in records or []:
+            f.write(json.dumps({"run_id": run_id, **rec}) + "\n")
 
 
 class _MetricSender:
     """The buffer and the daemon thread behind :class:`MetricLogger` (holds no reference to the logger)."""
 
     def __init__(self, transport: _Transport, run_id: str, fallback_path: Path, *, max_buffered: int,
-                 batch_size: int, backoff_initial_s: float, backoff_max_s: float):
+                 batch_size: int, backoff_initial_s: float, backoff_max_s: float, console: bool = False):
         self.transport, self.run_id, self.fallback_path = transport, run_id, fallback_path
+        self.console = console
         self.max_buffered, self.batch_size = max_buffered, batch_size
         self.backoff_initial_s, self.backoff_max_s = backoff_initial_s, backoff_max_s
         self._cond = threading.Condition()
@@ -354,6 +413,13 @@ class _MetricSender:
         self._file_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="mlflow-metric-sender", daemon=True)
         self._thread.start()
+
+    def say(self, level: int, msg: str) -> None:
+        """A warning or info line: to stdout as ``[mlflow] ...`` (``console``), else to this module's logger."""
+        if self.console:
+            print(f"[mlflow] {'warning: ' if level >= logging.WARNING else ''}{msg}", flush=True)
+        else:
+            _log.log(level, "%s", msg)
 
     # ---- caller side (the training loop's thread): memory only, or a short file append when over the bound
     def put(self, points: list[tuple]) -> None:
@@ -376,9 +442,9 @@ class _MetricSender:
             if warn:
                 why = ("MetricLogger is closed" if self._closed else
                        f"MLflow metric buffer full ({self.max_buffered} values unsent)")
-                _log.warning("%s: the oldest values go to %s; send them later with "
-                             "volvlp_ray.tracking.replay_metrics_file(%r, %r, %r)", why, self.fallback_path,
-                             str(self.fallback_path), self.transport_uri(), self.run_id)
+                self.say(logging.WARNING, f"{why}: the oldest values go to {self.fallback_path}; send them later "
+                         f"(exactly once) with: {replay_command(self.fallback_path, self.transport_uri())}  "
+                         "(or volvlp_ray.tracking.replay_metrics_file)")
 
     def put_tags(self, tags: dict[str, str]) -> None:
         with self._cond:
@@ -425,12 +491,13 @@ class _MetricSender:
                 outage = self._outage
             if points or tags:
                 self._spill(points, tags)
-                steps = len({p[3] for p in points})
-                _log.warning("MLflow tracking server %s at close: %d metric values (%d steps) and %d tags written "
-                             "to %s; send them (exactly once, safe to repeat) with:\n  python -c \"from "
-                             "volvlp_ray.tracking import replay_metrics_file; replay_metrics_file(%r, %r, %r)\"",
-                             "unreachable" if outage else "too slow", len(points), steps, len(tags),
-                             self.fallback_path, str(self.fallback_path), self.transport_uri(), self.run_id)
+                steps = sorted({p[3] for p in points})
+                span = f", steps {steps[0]}..{steps[-1]}" if steps else ""
+                self.say(logging.WARNING, f"MLflow tracking server {'unreachable' if outage else 'too slow'} at "
+                         f"close: {len(points)} metric values ({len(steps)} steps{span}) and {len(tags)} tags written "
+                         f"to {self.fallback_path}; send them (exactly once, safe to repeat) with: "
+                         f"{replay_command(self.fallback_path, self.transport_uri())}  "
+                         "(or volvlp_ray.tracking.replay_metrics_file)")
             self._thread.join(0.1)
         except Exception:  # noqa: BLE001 — close never raises
             _log.exception("MetricLogger.close failed")
@@ -468,6 +535,7 @@ class _MetricSender:
                 error = None
             except Exception as exc:  # noqa: BLE001
                 error = exc
+            recovered = started = None
             with self._cond:
                 if self._closed:
                     return
@@ -479,29 +547,35 @@ class _MetricSender:
                         self._outage["steps"].update(p[3] for p in self._inflight)
                     self._inflight, self._inflight_tags = [], {}
                     if self._outage is not None and not self._queue:
-                        o, self._outage = self._outage, None
-                        _log.info("MLflow tracking server reachable again after %.0f s: sent the %d metric values "
-                                  "(%d steps) buffered during the outage", time.monotonic() - o["since"],
-                                  o["sent"], len(o["steps"]))
-                    self._cond.notify_all()
-                    continue
-                self._failures += 1
-                if _rejected(error):
-                    points, tags = self._inflight, self._inflight_tags
-                    self._inflight, self._inflight_tags = [], {}
+                        recovered, self._outage = self._outage, None
                     self._cond.notify_all()
                 else:
-                    self._uncertain |= not _never_sent(error)
-                    points, tags = [], {}
-                    if self._outage is None:
-                        buffered = self._inflight + list(self._queue)
-                        self._outage = {"since": time.monotonic(), "sent": 0, "steps": set()}
-                        _log.warning("MLflow tracking server unreachable (%s): %d steps buffered, training "
-                                     "continues; retrying", _short(error), len({p[3] for p in buffered}))
+                    self._failures += 1
+                    if _rejected(error):
+                        points, tags = self._inflight, self._inflight_tags
+                        self._inflight, self._inflight_tags = [], {}
+                        self._cond.notify_all()
+                    else:
+                        self._uncertain |= not _never_sent(error)
+                        points, tags = [], {}
+                        if self._outage is None:
+                            self._outage = {"since": time.monotonic(), "sent": 0, "steps": set()}
+                            started = len({p[3] for p in self._inflight} | {p[3] for p in self._queue})
+            # the lines are written outside the lock: put() (the training thread) never waits on stdout
+            if error is None:
+                if recovered is not None:
+                    self.say(logging.INFO, f"MLflow tracking server reachable again after "
+                             f"{time.monotonic() - recovered['since']:.0f} s; {recovered['sent']} buffered metric "
+                             f"values ({len(recovered['steps'])} steps) sent")
+                continue
+            if started is not None:
+                n = f"{started} step{'' if started == 1 else 's'}"
+                self.say(logging.WARNING, f"MLflow tracking server unreachable ({_reason(error)}): metrics are "
+                         f"buffered in memory ({n} so far), training continues; retrying with backoff")
             if points or tags:  # refused by the server: to the file, not retried
                 self._spill(points, tags)
-                _log.warning("MLflow refused a batch of %d metric values (%s): written to %s instead",
-                             len(points), _short(error), self.fallback_path)
+                self.say(logging.WARNING, f"MLflow refused a batch of {len(points)} metric values ({_reason(error)}): "
+                         f"written to {self.fallback_path} instead")
                 continue
             with self._cond:
                 wait = delay * random.uniform(0.8, 1.2)
@@ -514,39 +588,79 @@ class _MetricSender:
 
 def replay_metrics_file(path: str | os.PathLike, tracking_uri: str, run_id: str | None = None, *,
                         attempts: int = 5, request_timeout_s: float = 30.0) -> dict[str, int]:
-    """Send a file written by :class:`MetricLogger` (its ``fallback_path``) to MLflow, exactly once.
+    """Send a file of unsent MLflow data to MLflow, exactly once (``python -m volvlp_ray.tracking replay``).
 
-    Values go to ``run_id`` (default: the run named on each line). Before sending, the run's metric history
-    of each key is read and values already there (same key, step and timestamp) are left out, so replaying a
-    file twice, or one of which part arrived, adds nothing twice. Each request is tried ``attempts`` times;
-    then the error is raised (running it again is safe). Returns ``{"sent": n, "present": m, "tags": t}``."""
-    runs: dict[str, tuple[dict, dict]] = {}
+    The file is what :class:`MetricLogger` (its ``fallback_path``) and :class:`PostTrainingLog` write: metric
+    values and tags, and the driver's post-training records: ``artifacts`` (local files to upload),
+    ``model_export`` (an export folder, logged as the run's pyfunc model) and ``status`` (the run's final status).
+    Data go to ``run_id`` (default: the run named on each line), per run in that order: metrics, tags, artifacts,
+    model, status. Before sending, the run's metric history of each key is read and values already there (same
+    key, step and timestamp; for a value marked ``once``, same key and step) are left out, and a model already
+    logged from the same export folder is not logged again, so replaying a file twice, or one of which part
+    arrived, adds nothing twice. Each request is tried ``attempts`` times; then the error is raised (running it
+    again is safe). Returns the counts ``{"sent", "present", "tags", "artifacts", "models", "status"}``."""
+    runs: dict[str, dict[str, Any]] = {}
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             rec = json.loads(line)
-            points, tags = runs.setdefault(run_id or rec["run_id"], ({}, {}))
+            r = runs.setdefault(run_id or rec["run_id"], {"points": {}, "once": {}, "tags": {}, "artifacts": {},
+                                                          "model": None, "status": None})
             if "tag" in rec:
-                tags[rec["tag"]] = rec["value"]
-            else:
+                r["tags"][rec["tag"]] = rec["value"]
+            elif "key" in rec:
                 p = (rec["key"], float(rec["value"]), int(rec["timestamp"]), int(rec["step"]))
-                points[(p[0], p[3], p[2])] = p  # the same value twice in the file counts once
+                if rec.get("once"):
+                    r["once"][(p[0], p[3])] = p  # one value per key and step: the last one written wins
+                else:
+                    r["points"][(p[0], p[3], p[2])] = p  # the same value twice in the file counts once
+            elif "artifacts" in rec:
+                r["artifacts"][(rec["artifacts"], rec.get("artifact_path"))] = True
+            elif "model_export" in rec:
+                r["model"] = rec["model_export"]
+            elif "status" in rec:
+                r["status"] = (rec["status"], int(rec.get("end_time") or time.time() * 1000))
+            else:
+                raise ValueError(f"{path}:{lineno}: not a line of an unsent MLflow file: {line.strip()[:200]}")
 
     transport = _Transport(tracking_uri, request_timeout_s)
-    out = {"sent": 0, "present": 0, "tags": 0}
-    for rid, (points, tags) in runs.items():
-        todo = _retried(transport.missing, attempts, rid, list(points.values())) if points else []
-        out["present"] += len(points) - len(todo)
-        for i in range(0, len(todo), 500):
-            _send_exactly_once(transport, rid, todo[i : i + 500], {}, attempts)
-            out["sent"] += len(todo[i : i + 500])
-        tag_items = list(tags.items())
+    out = {"sent": 0, "present": 0, "tags": 0, "artifacts": 0, "models": 0, "status": 0}
+    for rid, r in runs.items():
+        for once in (False, True):
+            points = list(r["once" if once else "points"].values())
+            todo = _retried(transport.missing, attempts, rid, points, once) if points else []
+            out["present"] += len(points) - len(todo)
+            for i in range(0, len(todo), 500):
+                _send_exactly_once(transport, rid, todo[i : i + 500], {}, attempts)
+                out["sent"] += len(todo[i : i + 500])
+        tag_items = list(r["tags"].items())
         for i in range(0, len(tag_items), 100):
             _send_exactly_once(transport, rid, [], dict(tag_items[i : i + 100]), attempts)
         out["tags"] += len(tag_items)
-    _log.info("replayed %s into %s: %d metric values sent, %d already there, %d tags", path, tracking_uri,
-              out["sent"], out["present"], out["tags"])
+        if r["artifacts"]:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri)  # uploads: MLflow's own retries
+            for local, artifact_path in r["artifacts"]:
+                (client.log_artifacts if os.path.isdir(local) else client.log_artifact)(rid, local, artifact_path)
+                out["artifacts"] += 1
+        if r["model"]:
+            export = r["model"]
+            tags = _retried(transport.get_run, attempts, rid).data.tags
+            if not (tags.get("volvlp.model_export") == export and tags.get("volvlp.model_uri")):
+                if not os.path.isfile(os.path.join(export, "vlp_config.json")):
+                    raise FileNotFoundError(f"{path}: the model's export folder {export} is not there (no "
+                                            "vlp_config.json); replay on a machine that has it")
+                from volvlp_ray.serving import log_vlp_model
+
+                log_vlp_model(rid, export, tracking_uri)
+                _send_exactly_once(transport, rid, [], {"volvlp.model_export": export}, attempts)
+                out["models"] += 1
+        if r["status"]:
+            _retried(transport.set_terminated, attempts, rid, *r["status"])
+            out["status"] += 1
+    _log.info("replayed %s into %s: %s", path, tracking_uri, out)
     return out
 
 
@@ -578,6 +692,183 @@ def _send_exactly_once(transport: _Transport, run_id: str, points: list[tuple], 
             time.sleep(min(2.0**i, 30.0))
 
 
+class PostTrainingLog:
+    """The driver's MLflow calls once training is done: metrics, evaluation plots, the model, the final status.
+
+    Training, checkpoint and export are safe by then, so a tracking server that is away must not fail the job.
+    The server first gets ``wait_s`` to answer, with requests that fail fast (a dead server costs seconds, not
+    MLflow's minutes of retries). While it answers, each call goes to it (metrics, tags and status: ``attempts``
+    tries of ``request_timeout_s``; artifacts and the model: MLflow's own retries); from the first call that fails
+    on, that call and every later one go to ``path`` -- the run's unsent file, beside whatever rank 0's
+    :class:`MetricLogger` could not send -- and :meth:`report` prints what is missing and the command that sends
+    it (:func:`replay_metrics_file`). A server that answers at the start while ``path`` exists (rank 0 could not
+    deliver everything by its end) gets that file at once; it is then renamed ``*.replayed``. Never raises for
+    a tracking failure."""
+
+    def __init__(self, tracking_uri: str, run_id: str, path: str | os.PathLike, *, wait_s: float = 10.0,
+                 request_timeout_s: float = 10.0, attempts: int = 3):
+        from mlflow.tracking import MlflowClient
+
+        self.uri, self.run_id, self.path, self.attempts = tracking_uri, run_id, Path(path), attempts
+        self.request_timeout_s = request_timeout_s
+        self.transport = _Transport(tracking_uri, request_timeout_s)
+        self.client = MlflowClient(tracking_uri)  # artifact uploads and the model
+        self.filed: list[str] = []  # what went to the file
+        self.lost: list[str] = []  # what could not be written there either
+        self.error = self._probe(wait_s)
+        if self.error is not None:
+            print(f"[mlflow] warning: tracking server {self.uri} unreachable after training ({self.error}): the "
+                  f"job's MLflow data go to {self.path}", flush=True)
+        elif self.path.is_file():
+            self._send_rank0_file()
+
+    def _probe(self, wait_s: float) -> str | None:
+        """None once the server returns the run; else the last error, after ``wait_s``."""
+        deadline, delay = time.monotonic() + wait_s, 0.5
+        while True:
+            try:
+                self.transport.get_run(self.run_id)
+                return None
+            except Exception as exc:  # noqa: BLE001
+                left = deadline - time.monotonic()
+                if left <= 0 or _rejected(exc):
+                    return _reason(exc)
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, 5.0)
+
+    def _send_rank0_file(self) -> None:
+        try:
+            out = replay_metrics_file(self.path, self.uri, attempts=self.attempts,
+                                      request_timeout_s=self.request_timeout_s)
+        except Exception as exc:  # noqa: BLE001
+            self.error = _reason(exc)
+            print(f"[mlflow] warning: sending {self.path} (what rank 0 could not send) failed ({self.error}); the "
+                  "job's MLflow data go there too", flush=True)
+            return
+        done = self.path.with_name(self.path.name + ".replayed")
+        os.replace(self.path, done)
+        print(f"[mlflow] the metrics rank 0 could not send are in MLflow now: {out['sent']} values sent, "
+              f"{out['present']} already there (file kept as {done})", flush=True)
+
+    def _file(self, points: list[tuple] = (), records: list[dict] | None = None) -> None:
+        _append_jsonl(self.path, self.run_id, list(points), {}, once=True, records=records)
+
+    def _call(self, what: str, online, offline):
+        if self.error is None:
+            try:
+                return online()
+            except Exception as exc:  # noqa: BLE001
+                self.error = _reason(exc)
+                print(f"[mlflow] warning: logging {what} to {self.uri} failed ({self.error}): it and the job's "
+                      f"later MLflow data go to {self.path}", flush=True)
+        try:
+            offline()
+            self.filed.append(what)
+        except Exception as exc:  # noqa: BLE001
+            print(f"[mlflow] error: {what} could not be written to {self.path} either ({_short(exc)})", flush=True)
+            self.lost.append(what)
+        return None
+
+    def metrics(self, metrics: dict[str, float], step: int, *, sentinel: str | None = None,
+                what: str | None = None) -> bool | None:
+        """Log ``metrics`` at ``step`` unless the run already has them there (``sentinel``, default: each key is
+        checked): a resumed or repeated job does not duplicate points. True: logged; False: already there;
+        None: written to the file (each value marked ``once``)."""
+        now = int(time.time() * 1000)
+        points = [(str(k), float(v), now, int(step)) for k, v in metrics.items()]
+
+        def last(key: str) -> int:
+            return max((m.step for m in _retried(self.transport.history, self.attempts, self.run_id, key)),
+                       default=-1)
+
+        def online() -> bool:
+            if sentinel is not None:
+                todo = points if last(sentinel) < step else []
+            else:
+                todo = [p for p in points if last(p[0]) < step]
+            for i in range(0, len(todo), 500):
+                _send_exactly_once(self.transport, self.run_id, todo[i : i + 500], {}, self.attempts)
+            return bool(todo)
+
+        return self._call(what or ", ".join(sorted(metrics)), online, lambda: self._file(points))
+
+    def artifacts(self, files: list[str], artifact_path: str, what: str | None = None) -> None:
+        """Upload local ``files`` under ``artifact_path``; offline they are copied beside the file first."""
+        def online() -> None:
+            for f in files:
+                self.client.log_artifact(self.run_id, f, artifact_path)
+
+        def offline() -> None:
+            dest = self.path.parent / f"{self.run_id}-artifacts" / artifact_path
+            dest.mkdir(parents=True, exist_ok=True)
+            for f in files:
+                shutil.copy2(f, dest)
+            self._file(records=[{"artifacts": str(dest), "artifact_path": artifact_path}])
+
+        if files:
+            self._call(what or f"{len(files)} artifacts ({artifact_path}/)", online, offline)
+
+    def model(self, export_dir: str) -> str | None:
+        """Log ``export_dir`` as the run's pyfunc model unless that export is logged already; the model URI, or
+        None when it went to the file."""
+        def online() -> str:
+            tags = _retried(self.transport.get_run, self.attempts, self.run_id).data.tags
+            if tags.get("volvlp.model_export") == export_dir and tags.get("volvlp.model_uri"):
+                return tags["volvlp.model_uri"]  # a finished run started again: its model is logged already
+            from volvlp_ray.serving import log_vlp_model
+
+            uri = log_vlp_model(self.run_id, export_dir, self.uri)
+            _send_exactly_once(self.transport, self.run_id, [], {"volvlp.model_export": export_dir}, self.attempts)
+            return uri
+
+        return self._call("the model", online, lambda: self._file(records=[{"model_export": str(export_dir)}]))
+
+    def terminate(self, status: str = "FINISHED") -> None:
+        now = int(time.time() * 1000)
+        self._call(f"the run's {status} status",
+                   lambda: _retried(self.transport.set_terminated, self.attempts, self.run_id, status, now),
+                   lambda: self._file(records=[{"status": status, "end_time": now}]))
+
+    def report(self, done: str) -> bool:
+        """After the last call: if anything went to the file, print (one ``[mlflow] error:`` block) what is
+        missing from the run and the command that sends it; ``done`` says what is safe. True when it printed."""
+        if not self.filed and not self.lost:
+            return False
+        items = []
+        steps: set[int] = set()
+        values = 0
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    rec = json.loads(line) if line.strip() else {}
+                    if "key" in rec and not rec.get("once"):
+                        values += 1
+                        steps.add(int(rec["step"]))
+        except OSError:
+            pass
+        if values:
+            items.append(f"{values} step metric values from rank 0 (steps {min(steps)}..{max(steps)})")
+        items += self.filed
+        text = (f"[mlflow] error: the tracking server {self.uri} was unreachable after training ({self.error}). "
+                f"{done}. Not logged to MLflow run {self.run_id}: {'; '.join(items)}. All of it is in {self.path}; "
+                f"once the server is back, send it (exactly once, safe to repeat) with:\n"
+                f"  {replay_command(self.path, self.uri)}")
+        if self.lost:
+            text += f"\n[mlflow] error: lost (the file could not be written): {'; '.join(self.lost)}"
+        print(text, flush=True)
+        return True
+
+
+def set_run_status(tracking_uri: str, run_id: str, status: str, timeout_s: float = 10.0) -> bool:
+    """Mark the run ``status`` with one fail-fast request; a warning instead of an error. True when it was."""
+    try:
+        _Transport(tracking_uri, timeout_s).set_terminated(run_id, status, int(time.time() * 1000))
+        return True
+    except Exception as exc:  # noqa: BLE001
+        print(f"[mlflow] warning: could not mark run {run_id} {status} at {tracking_uri} ({_reason(exc)})", flush=True)
+        return False
+
+
 def log_volume_artifact(cfg: Config, run_id: str, volume: Any, path: str) -> None:
     """Log a volume (array) as a ``.npy`` artifact; refused unless ``tracking.log_volumes`` is true."""
     if not cfg.tracking.log_volumes:
@@ -600,3 +891,38 @@ def log_text_artifact(cfg: Config, run_id: str, text: str, path: str) -> None:
     from mlflow.tracking import MlflowClient
 
     MlflowClient(resolve_tracking_uri(cfg)).log_text(run_id, text, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m volvlp_ray.tracking replay FILE... [--tracking-uri URI] [--run-id ID]``."""
+    parser = argparse.ArgumentParser(prog="python -m volvlp_ray.tracking",
+                                     description="Send MLflow data a training run could not deliver.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    rp = sub.add_parser("replay", help="send unsent files ({workspace}/mlflow-unsent/RUN_ID.jsonl) to MLflow, "
+                                       "exactly once (safe to repeat)")
+    rp.add_argument("files", nargs="+", metavar="FILE")
+    rp.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    rp.add_argument("--run-id", default=None, help="send to this run (default: the run named in the file)")
+    rp.add_argument("--attempts", type=int, default=5, help="tries per request (default 5)")
+    args = parser.parse_args(argv)
+    if not args.tracking_uri:
+        parser.error("--tracking-uri is required (or set MLFLOW_TRACKING_URI)")
+    for path in args.files:
+        if not os.path.isfile(path):
+            print(f"[mlflow] error: {path}: no such file", file=sys.stderr, flush=True)
+            return 2
+        try:
+            out = replay_metrics_file(path, args.tracking_uri, args.run_id, attempts=args.attempts)
+        except Exception as exc:  # noqa: BLE001
+            print(f"[mlflow] error: replaying {path} into {args.tracking_uri} failed ({_reason(exc)}); what was sent "
+                  "stays sent: run the same command again", file=sys.stderr, flush=True)
+            return 1
+        print(f"[mlflow] replayed {path}: {out['sent']} metric values sent, {out['present']} already there; "
+              f"{out['tags']} tags, {out['artifacts']} artifacts, {out['models']} models logged, "
+              f"{out['status']} run status set", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
