@@ -28,6 +28,8 @@ def free_port() -> int:
 
 def base_env() -> dict[str, str]:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    # a job's `python` (the entrypoint runs on the head with the head's PATH) is this interpreter, venv or not
+    env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
     for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(key, None)
     return env

@@ -1,7 +1,10 @@
-"""The cluster path end to end, with real parts only: a Ray head (`ray start --head`, token authentication), an
-MLflow tracking server (`jobs/mlflow_server.py`), and `ray job submit --working-dir . --runtime-env ... --
-python jobs/pretrain.py`. One head, one server and one job for the whole module; each test reads a different
-side of it (what MLflow holds, what it must not hold, who the head and the server accept)."""
+"""The cluster path end to end, with real parts only: a Ray head (`ray start --head --num-cpus=2`, token
+authentication), an MLflow tracking server (`jobs/mlflow_server.py`), and `ray job submit --working-dir .
+--runtime-env ... -- python jobs/pretrain.py`. One head, one server and one job for the whole module; each test reads
+a different side of it (what MLflow holds, what it must not hold, who the head and the server accept). The head has
+2 CPUs, as a new user's 2-core machine: the default two workers (one CPU each) plus the CPU the data pipeline
+needs do not fit, so the job fits itself (half a CPU reserved per worker) and validates during training, whose reads
+need no Ray Data task; a job that cannot fit (3 workers) fails within a minute naming what is missing."""
 
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ def cluster(tmp_path_factory):
     env = ray_env(token)
     head = server = None
     try:
-        head, address = start_ray_head(tmp / "head.log", env)
+        head, address = start_ray_head(tmp / "head.log", env, num_cpus=2)
         mlflow_port = free_port()
         server = start_mlflow_server(tmp / "mlflow", mlflow_port)  # no --host: the launcher's default
         wait_ray_head(head, address, env, tmp / "head.log")
@@ -68,7 +71,7 @@ def submitted(cluster):
     cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster["address"], "--working-dir", ".",
            "--runtime-env", str(tmp / "runtime_env.yaml"), "--",
            "python", "jobs/pretrain.py", "--config", "configs/tiny.yaml", f"workspace={ws}", "run_name=submitted",
-           "eval.at_end=false"]
+           "eval.at_end=false", "eval.every=3"]
     t0 = time.time()
     for _ in range(30):  # the job server answers before the head's job agent is registered
         p = subprocess.run(cmd, cwd=ROOT, env=cluster["env"], capture_output=True, text=True, timeout=900)
@@ -95,6 +98,9 @@ def test_ray_job_submit_runs_pretraining(cluster, submitted):
     _, out = submitted
     assert "joined cluster" in out and "succeeded" in out.lower()
     assert f"at {cluster['tracking_uri']}" in out  # the job tracked to the server, not to a workspace file
+    # 2 CPUs for 2 workers x 1 CPU + 1 CPU for Ray Data: fitted, and said so; validation ran on the held-out volumes
+    assert "[train] the cluster has 2 CPUs on 1 node" in out and "reserves 0.5 CPU instead of 1" in out, out[-4000:]
+    assert "[train] validation every 3 steps on 8 held-out volumes" in out and "[val] step 6:" in out, out[-4000:]
 
 
 def test_submitted_run_is_on_the_mlflow_server(cluster, submitted, tmp_path):
@@ -107,6 +113,7 @@ def test_submitted_run_is_on_the_mlflow_server(cluster, submitted, tmp_path):
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in history] == [2, 4, 6] and all(0 < m.value < 100 for m in history)
     assert "train/fit_seconds" in run.data.metrics
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/t2v/mrr")] == [3, 6]
     # artifacts went through the server (proxied) into its artifact store, not to a path of the job's machine
     assert run.info.artifact_uri.startswith("mlflow-artifacts:"), run.info.artifact_uri
     assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -186,3 +193,22 @@ def test_mlflow_server_binds_loopback_by_default(cluster):
     search = f"{cluster['tracking_uri']}/api/2.0/mlflow/experiments/search?max_results=1"
     assert http_status(search) == 200
     assert http_status(search, {"Host": "attacker.example.com"}) in (400, 403)  # DNS-rebinding protection
+
+
+def test_a_job_too_big_for_the_cluster_fails_within_a_minute_naming_what_is_missing(cluster, submitted, tmp_path):
+    """Three workers of one CPU cannot run on the 2-CPU head: the job fails before preparing any data, naming the
+    missing CPU and the settings to change, instead of waiting forever for its placement group."""
+    ws = tmp_path / "ws"
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster["address"], "--working-dir", ".",
+           "--runtime-env", str(cluster["tmp"] / "runtime_env.yaml"), "--",
+           "python", "jobs/pretrain.py", "--config", "configs/tiny.yaml", f"workspace={ws}", "scaling.num_workers=3"]
+    t0 = time.time()
+    p = subprocess.run(cmd, cwd=ROOT, env=cluster["env"], capture_output=True, text=True, timeout=300)
+    seconds = time.time() - t0
+    out = p.stdout + p.stderr
+    print(f"ray job submit (too big): {seconds:.0f}s")
+    assert p.returncode != 0, out[-4000:]
+    assert "ClusterTooSmallError" in out and "it has 2 CPUs on 1 node" in out, out[-4000:]
+    assert "Missing: 1 CPU(s) for the training workers" in out and "scaling.num_workers" in out, out[-4000:]
+    assert seconds < 60, seconds
+    assert not (ws / "shards").exists()  # it failed before any data was prepared

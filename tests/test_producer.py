@@ -1,4 +1,5 @@
-"""The background producer of ready batches (``train/producer.py``) and the once-only batch-size agreement."""
+"""The background producer of ready batches (``train/producer.py``), the once-only batch-size agreement, and the
+timeouts that end a stalled run (a data wait, a collective whose peer never comes)."""
 
 from __future__ import annotations
 
@@ -69,6 +70,35 @@ def test_close_stops_the_thread_while_it_waits_on_a_full_queue():
     assert not p._thread.is_alive()
 
 
+def test_a_stalled_input_ends_the_wait_with_an_error_naming_the_setting():
+    """No silent hang: a source that stops yielding (Ray Data tasks that cannot be scheduled, a hung read) makes
+    the consumer raise once ``timeout_s`` has passed without an item, the first item included."""
+    from volvlp_ray.train.producer import DataWaitTimeout
+
+    release = threading.Event()
+
+    def stalls_after(n: int):
+        yield from range(n)
+        release.wait(30)  # a stalled stream (released at the end of the test)
+
+    try:
+        p = BatchProducer(stalls_after(2), lambda i: i, timeout_s=0.5)
+        assert [next(p), next(p)] == [0, 1]
+        t0 = time.perf_counter()
+        with pytest.raises(DataWaitTimeout, match=r"train.timeout_s=0.5; 2 received before.*scaling.data_cpus"):
+            next(p)
+        assert 0.5 <= time.perf_counter() - t0 < 5
+        first = BatchProducer(stalls_after(0), lambda i: i, timeout_s=0.3, setting="my.timeout")
+        with pytest.raises(TimeoutError, match="my.timeout=0.3; 0 received before"):
+            next(first)
+        slow = BatchProducer(range(3), lambda i: time.sleep(0.2) or i, timeout_s=2)  # slow but within the limit
+        assert list(slow) == [0, 1, 2]
+        with pytest.raises(ValueError, match="timeout_s"):
+            BatchProducer(range(1), lambda i: i, timeout_s=0)
+    finally:
+        release.set()
+
+
 def test_to_device_on_cpu_returns_the_batch_as_is():
     t = {"volume": torch.zeros(2, 1, 4, 4, 4, dtype=torch.int16)}
     assert to_device(t, torch.device("cpu")) is t
@@ -135,3 +165,49 @@ def test_batch_size_agreed_once_then_checked_on_the_host():
     for first, second, _ in results.values():
         assert first == second + 1  # the size agreement once, on the first call
     assert results[1][2] is not None and "changed from 4" in results[1][2]
+
+
+def _timeout_worker(rank: int, world: int, port: int, q) -> None:
+    import torch.distributed as dist
+
+    from volvlp_ray.train.loop import collective_timeouts
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    collective_timeouts(3)  # what the training loop does before DeepSpeed makes its groups
+    group = dist.new_group(ranks=list(range(world)))  # as DeepSpeed copies the world group: no timeout given
+    if rank == 1:  # a peer that never joins the collective
+        time.sleep(40)
+        q.put((rank, None, None))
+        return
+    t0 = time.perf_counter()
+    try:
+        dist.all_reduce(torch.ones(1), group=group)
+        err = None
+    except Exception as e:  # noqa: BLE001
+        err = f"{type(e).__name__}: {e}"
+    q.put((rank, time.perf_counter() - t0, err))
+
+
+def test_a_collective_left_waiting_by_a_peer_times_out_after_train_timeout_s():
+    """DeepSpeed's process groups are made without a timeout; after ``collective_timeouts`` they get
+    ``train.timeout_s``: a rank whose peer never comes raises instead of waiting forever."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_timeout_worker, args=(r, 2, port, q)) for r in range(2)]
+    [p.start() for p in procs]
+    try:
+        rank, seconds, err = q.get(timeout=120)
+    finally:
+        for p in procs:
+            p.kill()
+            p.join(10)
+    assert rank == 0 and err is not None, (rank, seconds, err)
+    assert 2.5 <= seconds < 30, (seconds, err)

@@ -11,6 +11,11 @@ then, on a GPU, the copy to the device on a side stream, waited for in the produ
 waits for it and the host buffer is free again once the copy is done). Both run in one daemon thread, at most
 ``depth`` items ahead. An exception in the thread is raised in the consumer at the item where it happened.
 ``close()`` stops the thread (it is also stopped when the consumer is garbage-collected).
+
+``timeout_s``: when no item arrives for that long, ``next`` raises :class:`DataWaitTimeout` (naming ``setting``,
+``train.timeout_s`` in the training loop) instead of waiting forever: a stalled input (Ray Data tasks that cannot
+be scheduled, a peer that stopped agreeing on steps, a hung read) ends the run with an error. The first item gets
+the same allowance (the loop asks for it as soon as the producer starts).
 """
 
 from __future__ import annotations
@@ -24,9 +29,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["BatchProducer", "adopt", "to_device"]
+__all__ = ["BatchProducer", "DataWaitTimeout", "adopt", "to_device"]
 
 _END = object()
+
+
+class DataWaitTimeout(TimeoutError):
+    """No batch came from the input within the allowed time."""
 
 
 class _Failure:
@@ -35,9 +44,14 @@ class _Failure:
 
 
 class BatchProducer:
-    def __init__(self, source: Iterable[Any], prepare: Callable[[Any], Any], depth: int = 2, name: str = "batches"):
+    def __init__(self, source: Iterable[Any], prepare: Callable[[Any], Any], depth: int = 2, name: str = "batches",
+                 timeout_s: float | None = None, setting: str = "train.timeout_s"):
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
+        if timeout_s is not None and timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0 or None, got {timeout_s}")
+        self.timeout_s, self.setting, self.name = timeout_s, setting, name
+        self.consumed = 0
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._source, self._prepare = source, prepare
@@ -72,7 +86,17 @@ class BatchProducer:
 
     def __next__(self) -> Any:
         t0 = time.perf_counter()
-        item = self._queue.get()
+        try:
+            item = self._queue.get(timeout=self.timeout_s)
+        except queue.Empty:
+            self.wait_seconds += time.perf_counter() - t0
+            self._stop.set()
+            raise DataWaitTimeout(
+                f"{self.name}: nothing came from the input for {self.timeout_s:g}s ({self.setting}={self.timeout_s:g}; "
+                f"{self.consumed} received before): the input is stalled. Can its Ray Data tasks be scheduled? "
+                "(`ray status` shows CPU demands pending when the training workers hold every CPU: raise "
+                "scaling.data_cpus or give the cluster more CPUs.) Did another worker stop? If the input is only "
+                f"slow, raise {self.setting}") from None
         self.wait_seconds += time.perf_counter() - t0
         if item is _END:
             self._queue.put(_END)  # later calls end too
@@ -80,6 +104,7 @@ class BatchProducer:
         if isinstance(item, _Failure):
             self._queue.put(item)
             raise item.exc
+        self.consumed += 1
         return item
 
     def close(self, timeout: float = 5.0) -> None:
