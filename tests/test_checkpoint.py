@@ -20,16 +20,19 @@ ROOT = Path(__file__).parents[1]
 
 
 class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
     def __reduce__(self):
-        return (os.system, ("echo pwned > /tmp/volvlp-pwned",))
+        return (os.system, (f"echo pwned > '{self.marker}'",))
 
 
 def test_safe_load_refuses_pickled_code(tmp_path):
-    path = tmp_path / "evil.pt"
-    torch.save({"step": 1, "x": _Payload()}, path)
+    path, marker = tmp_path / "evil.pt", tmp_path / "pwned"
+    torch.save({"step": 1, "x": _Payload(marker)}, path)
     with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
         safe_load(path)
-    assert not Path("/tmp/volvlp-pwned").exists()
+    assert not marker.exists()
 
 
 def test_rng_and_position_round_trip(tmp_path):

@@ -32,6 +32,19 @@ def mlflow_server_module():
     return mod
 
 
+def ray_versions_allowed():
+    """The Ray versions pyproject.toml allows (its ``ray[...]`` dependency), as a packaging SpecifierSet."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (ray_req,) = [r for r in map(Requirement, deps) if r.name == "ray"]
+    return ray_req.specifier
+
+
 def strings(obj) -> list[str]:
     """Every string value in a parsed YAML tree."""
     if isinstance(obj, dict):
@@ -126,7 +139,9 @@ def test_kuberay_cluster_spec(path):
     (doc,) = load_all(path)
     assert doc["apiVersion"] == "ray.io/v1" and doc["metadata"]["name"]
     spec = cluster_spec(doc)
-    assert spec["rayVersion"] == ray.__version__  # the image's Ray matches the Ray the project runs on
+    # the image's Ray is one the project allows (as is the Ray it runs on here): pyproject.toml sets the bound
+    allowed = ray_versions_allowed()
+    assert allowed.contains(spec["rayVersion"]) and allowed.contains(ray.__version__), (spec["rayVersion"], allowed)
     assert spec["authOptions"]["mode"] == "token"
     head = spec["headGroupSpec"]
     assert head["rayStartParams"].get("num-gpus") == "0"

@@ -22,11 +22,12 @@ def test_every_config_file_loads(path):
     assert isinstance(cfg, Config)
 
 
-def test_required_keys_exist_with_their_meaning():
-    cfg = load_config(None, ["workspace=/tmp/x", "train.steps=50", "train.checkpoint_every=5", "data.num_volumes=7",
+def test_required_keys_exist_with_their_meaning(tmp_path):
+    ws = str(tmp_path / "x")
+    cfg = load_config(None, [f"workspace={ws}", "train.steps=50", "train.checkpoint_every=5", "data.num_volumes=7",
                              "scaling.num_workers=3", "scaling.use_gpu=true", "loss.kind=clip",
                              "model.preset=small", "seed=3"])
-    assert (cfg.workspace, cfg.train.steps, cfg.train.checkpoint_every, cfg.data.num_volumes) == ("/tmp/x", 50, 5, 7)
+    assert (cfg.workspace, cfg.train.steps, cfg.train.checkpoint_every, cfg.data.num_volumes) == (ws, 50, 5, 7)
     assert (cfg.scaling.num_workers, cfg.scaling.use_gpu, cfg.loss.kind, cfg.model.preset, cfg.seed) == (
         3, True, "clip", "small", 3)
 

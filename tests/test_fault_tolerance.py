@@ -1,8 +1,9 @@
 """Fault tolerance through the real job: a Ray Train worker killed by pid, the driver killed and run again.
 
-All runs share one workspace (data, shards and tokenizer are made once) and one config: 32 training volumes,
-batch 2 per worker x 2 workers, 40 steps (5 epochs of 8 steps), a checkpoint every 5 steps, a loss point
-every step. ``ref`` runs uninterrupted; the others are killed once mid-run and must finish at step 40 with
+All runs share one workspace (a copy of the session's tiny workspace: configs/tiny.yaml's data, shards and
+tokenizer) and one config: 16 training volumes, batch 2 per worker x 2 workers, 40 steps (about 10 epochs of 4
+steps: a resume lands mid-epoch, and the runs cross many epoch boundaries), a checkpoint every 5 steps, a loss
+point every step. ``ref`` runs uninterrupted; the others are killed once mid-run and must finish at step 40 with
 the same loss curve: identical before the kill (two runs, one seed) and within tolerance after the resume.
 """
 
@@ -22,8 +23,9 @@ from clusterutil import kill_tree
 
 ROOT = Path(__file__).parents[1]
 STEPS, EVERY = 40, 5
-ARGS = ["data.num_volumes=32", "data.num_val_volumes=8", "train.batch_size=2", f"train.steps={STEPS}",
+ARGS = ["train.batch_size=2", f"train.steps={STEPS}",
         f"train.checkpoint_every={EVERY}", "train.log_every=1", "train.warmup_steps=5", "eval.at_end=false"]
+pytestmark = pytest.mark.timeout(1800)  # real 40-step jobs, two in a test (the module fixture's among them)
 STEP_LINE = re.compile(r"\(RayTrainWorker pid=(\d+)[^)]*\).*\[train\] step (\d+)/")
 
 
@@ -86,14 +88,15 @@ def _resumed_step(out: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("ft")
+def workspace(tmp_path_factory, copy_tiny_workspace) -> Path:
+    return copy_tiny_workspace(tmp_path_factory.mktemp("ft"))
 
 
 @pytest.fixture(scope="module")
 def reference(workspace):
     p = subprocess.run(_cmd(workspace, "ref"), capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=900)
     assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
+    assert "[data] shards ready" in p.stdout and "[prepare]" not in p.stdout, p.stdout[-3000:]
     _, points = _history(workspace, "ref")
     return points
 

@@ -1,7 +1,6 @@
 """The real entry point, end to end on a tiny config: what MLflow recorded, the checkpoint, the export."""
 
 import os
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[1]
+pytestmark = pytest.mark.timeout(1800)  # real jobs; one or two in a test (the module fixture's among them)
 
 
 def run_job(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -23,11 +23,13 @@ def run_job(*args: str, env: dict | None = None, timeout: int = 900) -> subproce
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    ws = tmp_path_factory.mktemp("ws")
+def tiny_run(tmp_path_factory, copy_tiny_workspace):
+    ws = copy_tiny_workspace(tmp_path_factory.mktemp("ws"))  # tiny.yaml's data, shards and tokenizer
     p = run_job(f"workspace={ws}", "run_name=e2e", env={"VOLVLP_STEP_TRACE": str(ws / "trace")})
     assert p.returncode == 0
-    return ws, p.stdout + p.stderr
+    out = p.stdout + p.stderr
+    assert "[data] shards ready" in out and "[prepare]" not in out and "tokenizer built" not in out
+    return ws, out
 
 
 def read_traces(trace_dir: Path, world: int = 2) -> list[list[dict]]:
@@ -111,23 +113,67 @@ def test_equal_vision_tokens_on_both_ranks_and_no_mask(tiny_run):
     assert len({s[0]["shape"][2] for s in steps}) >= 2, [s[0]["shape"] for s in steps]
 
 
-def test_no_report_text_reaches_mlflow(tiny_run):
-    import csv
-
+def test_no_report_text_reaches_mlflow(tiny_run, report_texts, mlflow_text_leaks):
+    """No report of the training or held-out split, whole or by sentence, is anywhere in the MLflow store: the
+    database (every table, raw bytes) and every file of the artifact locations the MLflow client names (conftest's
+    scan)."""
     ws, _ = tiny_run
-    reports = ws / "data" / "synthetic" / "radiology_text_reports" / "train_reports.csv"
-    findings = [r["Findings_EN"] for r in csv.DictReader(open(reports))]
-    sentences = {s.strip() for f in findings for s in f.split(".") if len(s.strip()) > 25}
-    db = sqlite3.connect(ws / "mlflow.db")
-    blobs = []
-    for table in ("params", "tags", "metrics", "runs"):
-        blobs += [" ".join(map(str, row)) for row in db.execute(f"select * from {table}")]
-    for path in (ws / "mlartifacts").rglob("*") if (ws / "mlartifacts").exists() else []:
-        if path.is_file() and path.suffix in (".yaml", ".json", ".txt"):
-            blobs.append(path.read_text(errors="ignore"))
-    text = "\n".join(blobs)
-    leaked = [s for s in sentences if s in text]
-    assert not leaked, leaked[:3]
+    texts = report_texts(ws)
+    assert len(texts) > 40
+    leaked, scanned = mlflow_text_leaks(ws / "mlflow.db", texts)
+    assert not leaked, list(leaked.items())[:3]
+    # what the scan read: the run's config and plots, the logged model's config, weights and tokenizer
+    names = {Path(s.split("!")[0]).name for s in scanned}
+    assert {"config.yaml", "similarity_matrix.png", "vlp_config.json", "model.safetensors", "tokenizer.json",
+            "MLmodel"} <= names, sorted(names)
+
+
+def test_the_privacy_scan_finds_report_text_logged_on_purpose(tmp_path, tiny_workspace, report_texts,
+                                                              mlflow_text_leaks):
+    """The scan above can fail: on a scratch run that logs report sentences on purpose (the opt-ins
+    tracking.log_text / tracking.log_volumes), it finds each one where it was put, a training sentence in a text
+    artifact, held-out ones in a tag and inside a compressed zip artifact, one as the raw bytes of a .npy volume,
+    and not a sentence that was never logged."""
+    import zipfile
+
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+
+    from volvlp_ray.config import load_config
+    from volvlp_ray.tracking import log_text_artifact, log_volume_artifact, resolve_tracking_uri, start_run
+
+    picked: list[str] = []  # sentences none of which holds another (each found only where it was put)
+
+    def pick(texts: set[str], n: int) -> list[str]:
+        out = []
+        for t in sorted(t for t in texts if "." not in t):
+            if len(out) < n and all(t not in p and p not in t for p in picked):
+                out.append(t)
+                picked.append(t)
+        assert len(out) == n, (n, out)
+        return out
+
+    train_texts = report_texts(tiny_workspace, splits=("train",))
+    train = pick(train_texts, 3)
+    valid = pick(report_texts(tiny_workspace, splits=("valid",)) - train_texts, 2)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"workspace={tmp_path}", "tracking.log_text=true",
+                                                       "tracking.log_volumes=true"])
+    run_id = start_run(cfg, "leak")
+    client = MlflowClient(resolve_tracking_uri(cfg))
+    log_text_artifact(cfg, run_id, f"Findings: {train[0]}. Other text.", "reports/one.txt")
+    client.set_tag(run_id, "note", f"{valid[0]}.")
+    with zipfile.ZipFile(tmp_path / "bundle.zip", "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("inner/report.txt", f"{valid[1]}. " * 20)
+    assert valid[1].encode() not in (tmp_path / "bundle.zip").read_bytes()  # compressed: only inside the zip
+    client.log_artifact(run_id, str(tmp_path / "bundle.zip"), "bundles")
+    log_volume_artifact(cfg, run_id, np.frombuffer(train[1].encode(), dtype=np.uint8), "volumes/v.npy")
+
+    leaked, _ = mlflow_text_leaks(tmp_path / "mlflow.db", [*train[:3], *valid[:2]])
+    where = {s: [Path(w).name for w in ws] for s, ws in leaked.items()}
+    assert set(leaked) == {train[0], train[1], valid[0], valid[1]}, where  # train[2] was never logged
+    assert "one.txt" in where[train[0]] and "v.npy" in where[train[1]], where
+    assert any(w.startswith("mlflow.db:tags") for w in leaked[valid[0]]), leaked[valid[0]]
+    assert "bundle.zip!inner" in str(leaked[valid[1]]), leaked[valid[1]]
 
 
 def test_second_run_reuses_data(tiny_run):
@@ -144,21 +190,54 @@ def test_second_run_reuses_data(tiny_run):
     assert len(seen) >= 2, seen
 
 
-def test_swca_with_grad_cache_through_the_job(tmp_path):
-    """SWCA (soft targets from label and spatial affinity) with embedding-gradient caching under DeepSpeed."""
+def test_swca_with_grad_cache_through_the_job(tmp_path, copy_tiny_workspace):
+    """SWCA (soft targets from label and spatial affinity) with embedding-gradient caching under DeepSpeed:
+    the same job without caching is the reference. Grad-cache is exact, so the two runs log the same loss at every
+    step (step 1: the full-batch loss from micro-batch embeddings; later steps: after the same updates) and end with
+    the same weights; and the cached run went through DeepSpeed's accumulation, two micro-batches of 2 per step
+    of 4, with one optimizer step per training step. Without model.proj_norm: its BatchNorm normalises each
+    micro-batch by that micro-batch's statistics (and updates the running statistics in both the no-grad pass and
+    the replay), so with it the cached step is not the full-batch step."""
+    import numpy as np
+    import torch
     from mlflow.tracking import MlflowClient
 
-    p = run_job(f"workspace={tmp_path}", "run_name=gc", "loss.kind=swca", "loss.alpha=0.5",
-                "train.grad_cache_micro_batch=2", "loss.negation_pairs=0", "train.steps=2", "train.checkpoint_every=2", "train.log_every=1",
-                "eval.at_end=false")
-    assert p.returncode == 0
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    ws = copy_tiny_workspace(tmp_path / "ws")
+    common = ["loss.kind=swca", "loss.alpha=0.5", "loss.negation_pairs=0", "model.proj_norm=false", "train.steps=3",
+              "train.checkpoint_every=3", "train.log_every=1", "eval.at_end=false"]
+    for name, extra in (("gc", ["train.grad_cache_micro_batch=2"]), ("full", [])):
+        p = run_job(f"workspace={ws}", f"run_name={name}", *common, *extra)
+        assert p.returncode == 0, name
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
     exp = client.get_experiment_by_name("volvlp_ray")
-    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`volvlp.run_name` = 'gc'")
-    losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
-    lrs = [m.value for m in client.get_metric_history(run.info.run_id, "train/lr")]
-    assert len(losses) == 2 and all(0 < v < 100 for v in losses)
-    assert lrs[0] != lrs[1]  # one optimizer/scheduler step per global step, not per micro-batch
+    curves, states = {}, {}
+    for name in ("gc", "full"):
+        (run,) = client.search_runs([exp.experiment_id], filter_string=f"tags.`volvlp.run_name` = '{name}'")
+        curves[name] = {key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+                        for key in ("train/loss", "train/lr")}
+        (ckpt,) = [c for c in (ws / "ray_results" / name).glob("checkpoint_*") if c.is_dir()]
+        states[name] = torch.load(ckpt / "ckpt" / "mp_rank_00_model_states.pt", weights_only=True,
+                                  map_location="cpu")
+    gc, full = states["gc"], states["full"]
+    assert (gc["ds_config"]["train_micro_batch_size_per_gpu"], gc["ds_config"]["gradient_accumulation_steps"]) == (2, 2)
+    assert (full["ds_config"]["train_micro_batch_size_per_gpu"], full["ds_config"]["gradient_accumulation_steps"]) \
+        == (4, 1)
+    # 3 optimizer steps in both: with accumulation over 2, the cached run called engine.step() twice per step
+    assert gc["global_steps"] == full["global_steps"] == gc["step"] == 3, (gc["global_steps"], full["global_steps"])
+    assert curves["gc"]["train/lr"] == curves["full"]["train/lr"]
+    assert any(lr > 0 for _, lr in curves["full"]["train/lr"][:2]), curves["full"]["train/lr"]  # updates happened
+    steps = [s for s, _ in curves["gc"]["train/loss"]]
+    assert steps == [s for s, _ in curves["full"]["train/loss"]] == [1, 2, 3]
+    loss_gc = np.array([v for _, v in curves["gc"]["train/loss"]])
+    loss_full = np.array([v for _, v in curves["full"]["train/loss"]])
+    print(f"\nloss with grad-cache {loss_gc}, without {loss_full}")
+    np.testing.assert_allclose(loss_gc, loss_full, rtol=1e-4, atol=1e-5)
+    assert gc["module"].keys() == full["module"].keys()
+    diff = 0.0
+    for k, v in full["module"].items():
+        diff = max(diff, float((gc["module"][k].float() - v.float()).abs().max()))
+    print(f"max |weight difference| after 3 steps: {diff:.3g}")
+    assert diff < 1e-4, diff
 
 
 def test_run_model_and_one_call_embeddings(tiny_run):

@@ -69,12 +69,14 @@ def _children(client, exp_id: str, parent_id: str):
     return client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
-def test_sweep_interrupted_resumes_and_records_everything(tmp_path):
+@pytest.mark.timeout(2700)  # two sweeps of real training trials, each up to 900 s
+def test_sweep_interrupted_resumes_and_records_everything(tmp_path, copy_tiny_workspace):
     from mlflow.tracking import MlflowClient
 
+    ws = copy_tiny_workspace(tmp_path / "ws")  # tiny.yaml's data, shards and tokenizer: the sweep trains at once
     cmd = [sys.executable, str(ROOT / "jobs" / "sweep.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
-           f"workspace={tmp_path}", *SWEEP_ARGS]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+           f"workspace={ws}", *SWEEP_ARGS]
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
 
     # first attempt: killed (the driver and its local Ray) as soon as one trial has finished
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=ROOT)
@@ -84,7 +86,7 @@ def test_sweep_interrupted_resumes_and_records_everything(tmp_path):
     finished, deadline = 0, time.time() + 900
     while proc.poll() is None and time.time() < deadline:
         time.sleep(2)
-        exp = client.get_experiment_by_name("volvlp_ray") if (tmp_path / "mlflow.db").exists() else None
+        exp = client.get_experiment_by_name("volvlp_ray") if (ws / "mlflow.db").exists() else None
         parents = client.search_runs([exp.experiment_id], "tags.`volvlp.sweep_parent` = 'true'") if exp else []
         if parents:
             finished = sum(r.info.status == "FINISHED" for r in _children(client, exp.experiment_id,
@@ -95,6 +97,7 @@ def test_sweep_interrupted_resumes_and_records_everything(tmp_path):
     proc.wait()
     reader.join(timeout=10)
     assert finished >= 1, "no trial finished before the deadline:\n" + "".join(out1)[-5000:]
+    assert "[data] shards ready" in "".join(out1) and "[prepare]" not in "".join(out1)
 
     p = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=900)
     out2 = p.stdout + p.stderr
@@ -116,7 +119,7 @@ def test_sweep_interrupted_resumes_and_records_everything(tmp_path):
     assert len(best) == 1 and parent.data.tags["volvlp.best_run_id"] == best[0].info.run_id
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "plots")} == {"plots/sweep_metric.png"}
 
-    best_yaml = tmp_path / "sweeps" / "st" / "best.yaml"
+    best_yaml = ws / "sweeps" / "st" / "best.yaml"
     cfg = load_config(best_yaml)  # what `jobs/pretrain.py --config best.yaml` loads
     assert cfg.loss.alpha == float(best[0].data.params["loss.alpha"])
     assert cfg.model.init_logit_scale == float(best[0].data.params["model.init_logit_scale"])

@@ -224,11 +224,32 @@ class TrainConfig:
     log_every: int = 10
     grad_cache_micro_batch: int = 0
     """> 0: embedding-gradient caching with micro-batches of this size (contrastive batches beyond memory)."""
-    max_failures: int = 0
-    """Ray Train FailureConfig.max_failures."""
+    max_failures: int = 1
+    """Worker failures (a killed worker, a lost node) survived by resuming from the latest checkpoint (Ray Train
+    ``FailureConfig.max_failures``, which also gets ``max_rollbacks`` added); -1: unlimited, 0: none."""
+    max_bad_steps: int = 3
+    """After this many consecutive steps skipped for non-finite loss/gradients the run rolls back to its latest
+    checkpoint (0: never roll back, only skip)."""
+    max_rollbacks: int = 2
+    """Rollbacks a run may make; at the next run of ``max_bad_steps`` bad steps it stops with an error."""
     storage_path: str | None = None
     """Where Ray Train keeps runs and checkpoints (and sweeps their trials): default ``{workspace}/ray_results``;
     any pyarrow filesystem URI, e.g. ``s3://bucket/ray_results`` (credentials from the environment)."""
+    timeout_s: int = 1800
+    """No silent hangs: a collective (the process groups of Ray Train, DeepSpeed, the sampler and validation, and
+    Ray Train's report barrier) or a wait for the next training batch that lasts longer than this many seconds
+    ends the run with an error naming this setting."""
+
+    def __post_init__(self) -> None:
+        if self.grad_cache_micro_batch and self.zero_stage == 3:
+            raise ConfigError("train.grad_cache_micro_batch does not work with train.zero_stage=3 (the loss reads the "
+                              "logit scale and bias outside the forward pass, where ZeRO-3 keeps them partitioned): "
+                              "use ZeRO stage 0-2 with gradient caching")
+        if self.max_failures < -1:
+            raise ConfigError(f"train.max_failures must be >= 0, or -1 for unlimited; got {self.max_failures}")
+        if self.max_bad_steps < 0 or self.max_rollbacks < 0:
+            raise ConfigError(f"train.max_bad_steps and train.max_rollbacks must be >= 0 (max_bad_steps 0: never "
+                              f"roll back); got {self.max_bad_steps} and {self.max_rollbacks}")
 
 
 @dataclass
@@ -236,6 +257,13 @@ class ScalingConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: int = 1
+    data_cpus: int = 1
+    """CPUs the run keeps free beside its training workers for Ray Data's read/decode tasks (checked against the
+    cluster before training starts; see "Fitting the cluster" in the README)."""
+    cluster: str = "auto"
+    """Whether nodes may join the cluster while the run waits for resources: "auto" (detected: KubeRay, an
+    autoscaling cluster config, a ``ray up`` head), "fixed" (a cluster too small for the run fails at once; one node
+    too small only for ``data_cpus`` is fitted) or "autoscaling" (only a warning; the workers wait for the nodes)."""
 
 
 @dataclass
@@ -376,6 +404,7 @@ _CHOICES = {
     ("data", "normalise_in"): ("device", "loader"),
     ("data", "volume_transport"): ("direct", "object_store"),
     ("data", "sampler"): ("equal", "bucket"),
+    ("scaling", "cluster"): ("auto", "fixed", "autoscaling"),
 }
 
 
@@ -424,6 +453,11 @@ def validate(cfg: Config) -> None:
                           "together with train.grad_cache_micro_batch")
     if cfg.scaling.num_workers < 1:
         raise ConfigError(f"scaling.num_workers must be >= 1, got {cfg.scaling.num_workers}")
+    if cfg.scaling.cpus_per_worker < 1 or cfg.scaling.data_cpus < 0:
+        raise ConfigError(f"scaling.cpus_per_worker must be >= 1 and scaling.data_cpus >= 0, got "
+                          f"{cfg.scaling.cpus_per_worker} and {cfg.scaling.data_cpus}")
+    if cfg.train.timeout_s < 1:
+        raise ConfigError(f"train.timeout_s must be >= 1 (seconds), got {cfg.train.timeout_s}")
     if cfg.data.num_volumes < 1 or cfg.data.num_val_volumes < 1:
         raise ConfigError("data.num_volumes and data.num_val_volumes must be >= 1")
 

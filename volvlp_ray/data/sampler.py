@@ -28,7 +28,8 @@ So every rank's vision tower sees ``batch_size x L x (H/ph) x (W/pw)`` tokens in
 step to step, and no padding exists. Rows not used by the end of an epoch's streams (groups too rare to fill a
 step) are **carried** into the next epoch's pool; the carry at the start of an epoch is saved with each
 checkpoint (``save_carry``), so a resumed run replays the interrupted epoch exactly: the same carry, the same
-stream, the same shared draws.
+stream, the same shared draws. On another number of workers the keys trained in the epoch so far are left out of
+its stream and the carries are dealt anew (``train/elastic.py``).
 
 The sampler is the same code in training (``Comm`` = a gloo group of the training workers) and in the scale
 benchmark and tests (``ThreadComm``: ranks as threads of one process).
@@ -45,7 +46,7 @@ import numpy as np
 
 __all__ = [
     "Comm", "EqualTokenSampler", "LocalComm", "Plan", "ThreadComm", "describe", "equal_token_steps", "load_carry",
-    "rows_of", "save_carry", "stack_rows",
+    "load_carry_keys", "load_keys", "rows_of", "save_carry", "save_keys", "stack_rows",
 ]
 
 MAX_GROUPS = 512
@@ -293,15 +294,16 @@ def _shares(counts: np.ndarray, batch_size: int, step: int) -> np.ndarray:
 
 
 def equal_token_steps(sampler: EqualTokenSampler, rows: Iterator[Row], comm: Comm, epoch: int,
-                      carry: list[Row] | None = None) -> Iterator[Plan]:
+                      carry: list[Row] | None = None, first_step: int = 0) -> Iterator[Plan]:
     """One epoch of agreed steps: ``carry`` (rows left from the last epoch) then ``rows`` (this rank's stream)
     through ``sampler``; ``comm`` gathers every rank's counts before each step. Every rank takes the same number
     of steps. When every rank's stream has ended, steps go on while one is possible; what is left stays in
-    ``sampler.pool`` (the next epoch's carry)."""
+    ``sampler.pool`` (the next epoch's carry). ``first_step``: the index of the first step in the epoch's shared
+    draws (an epoch resumed on another number of workers continues where its draws were)."""
     sampler.pool, sampler._groups = [], []
     sampler.add(carry or [])
     more = True
-    step = 0
+    step = first_step
 
     def pull(n: int) -> None:
         nonlocal more
@@ -362,6 +364,25 @@ def load_carry(path: str | Path) -> list[Row]:
                 _, k, i = name.rsplit(":", 2)
                 rows[int(i)][k] = z[name]
     return rows
+
+
+def load_carry_keys(path: str | Path) -> list[str]:
+    """The ``key`` of each row of a saved carry, without reading its other columns."""
+    with np.load(path, allow_pickle=False) as z:
+        n = int(z["__n__"])
+        if "c:key" in z.files:
+            return [str(k) for k in z["c:key"]]
+        return [str(z[f"r:key:{i}"]) for i in range(n)]
+
+
+def save_keys(path: str | Path, keys: list[str]) -> None:
+    """Sample keys (strings, repeats kept) -> ``np.savez`` of one unicode array (no pickle)."""
+    np.savez(path, keys=np.asarray([str(k) for k in keys], dtype=str))
+
+
+def load_keys(path: str | Path) -> list[str]:
+    with np.load(path, allow_pickle=False) as z:
+        return [str(k) for k in z["keys"]]
 
 
 def describe(plans: list[Plan]) -> dict[str, Any]:

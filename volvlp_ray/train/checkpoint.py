@@ -6,7 +6,11 @@ A training checkpoint (one Ray Train checkpoint directory, merged from every ran
   with the step) written by ``engine.save_checkpoint``;
 - ``worker_state/rank_{r}.pt``: each rank's RNG states (Python, NumPy, torch) and its data position
   (epoch, batches consumed in that epoch);
-- ``config.yaml`` (rank 0), and in the final checkpoint ``export/`` (``VLP.from_pretrained``).
+- with ``data.sampler=equal``, ``worker_state/carry_rank_{r}.npz`` (the rows the epoch's pool started with),
+  ``trained_rank_{r}.npz`` (keys trained in the epoch since) and ``excluded.npz`` (rank 0: keys left out of the
+  epoch's stream after a resume on another number of workers), plain arrays (``train/elastic.py``);
+- ``progress.json`` (rank 0: step, epoch, batch in epoch, world size, ``epoch_base``), ``config.yaml`` (rank 0),
+  and in the final checkpoint ``export/`` (``VLP.from_pretrained``).
 
 Every load uses ``torch.load(..., weights_only=True)``. DeepSpeed's optimizer files hold three small
 DeepSpeed classes besides tensors; :func:`use_safe_loading` allows exactly those and nothing else, so a

@@ -57,9 +57,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return groups
 
 
-def deepspeed_config(cfg: Config, use_gpu: bool) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, use_gpu: bool, load_universal: bool = False) -> dict[str, Any]:
     """The DeepSpeed config of ``cfg.train``: ZeRO stage, bf16 on a bf16-capable GPU (fp32 otherwise),
-    gradient clipping, AdamW or Muon, linear warmup then cosine decay to ``lr * min_lr_ratio``."""
+    gradient clipping, AdamW or Muon, linear warmup then cosine decay to ``lr * min_lr_ratio``.
+    ``load_universal``: the engine will load a universal checkpoint (a resume on another number of workers,
+    ``volvlp_ray.train.elastic``)."""
     t = cfg.train
     if t.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}")
@@ -103,6 +105,7 @@ def deepspeed_config(cfg: Config, use_gpu: bool) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        **({"checkpoint": {"load_universal": True}} if load_universal else {}),
     }
 
 

@@ -3,6 +3,8 @@
 Per step: a padded batch from this worker's streaming split -> dual encoder (DeepSpeed engine) -> global
 loss (the loss gathers features from all workers), plus ``loss.pair_weight`` times the local negation-pair loss
 (true vs negated statements from each sample's text, see ``volvlp_ray.data.negation``) -> backward/step. Rank 0 logs step metrics to MLflow.
+A step with non-finite loss/gradients on any rank is skipped by every rank alike (counted, logged); too many in a
+row roll the run back to its latest checkpoint, too many rollbacks stop it (``volvlp_ray.train.badsteps``).
 Every ``train.checkpoint_every`` steps and at the end, every rank saves its DeepSpeed shard, RNG states and
 data position, and all report the checkpoint through ``ray.train.report``; the final checkpoint also holds
 the consolidated export (``export/``, loadable with ``VLP.from_pretrained``).
@@ -11,7 +13,9 @@ Resuming (after a worker failure, or when the driver is started again with the s
 optimizer, LR schedule and step come from DeepSpeed's state (loaded with ``weights_only=True``), each rank's
 RNG from ``worker_state/``, and the data position from ``progress.json``: the epoch's stream is replayed in
 the same order (see ``volvlp_ray.data.pipeline.TrainDatasetFactory``) and the batches already trained on are
-skipped. Step metrics already in MLflow are not logged again.
+skipped. Step metrics already in MLflow are not logged again. On another number of workers (elastic resume,
+``volvlp_ray.train.elastic``): ZeRO state re-partitioned through DeepSpeed's universal checkpoint, and the
+interrupted epoch goes on without the samples already trained in it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import random
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -74,7 +79,8 @@ class ReadyBatch:
     vision_tokens: int  # patch tokens this rank's vision tower processes
     truncated: int
     pair_valid: float
-    carry: list  # data.sampler=equal: the rows this batch's epoch started with (saved with a checkpoint)
+    carry: list  # data.sampler=equal: its epoch's start (train.elastic.EpochStart: the rows it started with, ...)
+    keys: list[str]  # the batch's sample keys (a checkpoint records those trained in the epoch)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -85,9 +91,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from transformers import AutoTokenizer
 
     from volvlp_ray.models import build_model
-    from volvlp_ray.tracking import MetricLogger
+    from volvlp_ray.tracking import MetricLogger, unsent_metrics_path
+    from volvlp_ray.train.badsteps import BadSteps
     from volvlp_ray.train.checkpoint import load_worker_state, use_safe_loading
     from volvlp_ray.train.deepspeed import deepspeed_config, param_groups
+    from volvlp_ray.train.elastic import TrainedKeys
     from volvlp_ray.train.producer import BatchProducer, adopt
 
     cfg: Config = config_from_dict(loop_config["config"])
@@ -118,12 +126,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         pairs = StatementBank(tokenizer)
 
+    # a checkpoint written by another number of workers (elastic resume, see train/elastic.py): under ZeRO 1-3 the
+    # engine is built to load DeepSpeed's universal checkpoint, decided before it is built
+    checkpoint = ray.train.get_checkpoint()
+    saved_world = world
+    if checkpoint:
+        from volvlp_ray.train.elastic import check_resizable, checkpoint_world_size
+
+        saved_world = checkpoint_world_size(checkpoint) or world
+        if saved_world != world:
+            check_resizable(cfg, saved_world, world)
     micro = cfg.train.grad_cache_micro_batch
     n_micro = 1
-    ds_cfg = deepspeed_config(cfg, use_gpu)
+    ds_cfg = deepspeed_config(cfg, use_gpu, load_universal=saved_world != world and cfg.train.zero_stage > 0)
     if micro and micro < cfg.train.batch_size:
         n_micro = -(-cfg.train.batch_size // micro)
         ds_cfg.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=n_micro)
+    collective_timeouts(cfg.train.timeout_s)  # DeepSpeed's process groups, made in initialize, get train.timeout_s
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=ds_cfg,
         dist_init_required=False,
@@ -131,41 +150,59 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     use_safe_loading(engine)
     dtype = torch.bfloat16 if ds_cfg["bf16"]["enabled"] else torch.float32
 
-    step, start_epoch, skip_batches, carry = 0, 0, 0, None
-    checkpoint = ray.train.get_checkpoint()
+    step, start_epoch, skip_batches, epoch_start = 0, 0, 0, None
     if checkpoint:
+        from volvlp_ray.train.elastic import load_resized, resume_data_position
+
         with checkpoint.as_directory() as d:
-            load_path, client_state = engine.load_checkpoint(d, tag=CKPT_TAG)
+            if saved_world == world:
+                load_path, client_state = engine.load_checkpoint(d, tag=CKPT_TAG)
+            else:  # model and optimizer state re-partitioned for this number of workers
+                if rank == 0:
+                    print(f"[train] elastic resume: the checkpoint was written by {saved_world} workers, this run "
+                          f"has {world}", flush=True)
+                load_path, client_state = load_resized(engine, d, CKPT_TAG, cfg.train.zero_stage, rank=rank,
+                                                       node_rank=ctx.get_node_rank(), local_rank=ctx.get_local_rank())
             if load_path is None:
                 raise RuntimeError(f"checkpoint {checkpoint.path} has no DeepSpeed state under tag {CKPT_TAG!r}")
             worker_state = load_worker_state(d, rank)  # restores this rank's RNG streams
-            carry = _load_carry(d, rank)
+            # the interrupted epoch's start (carry, and on another number of workers the samples left out) and the
+            # batches of it to skip
+            epoch_start, skip_batches = resume_data_position(d, cfg, rank, world, saved_world, client_state)
         step = int(client_state["step"])
-        start_epoch, skip_batches = int(client_state.get("epoch", 0)), int(client_state.get("batch_in_epoch", 0))
+        start_epoch = int(client_state.get("epoch", 0))
         if worker_state is None and rank == 0:
             print("[train] warning: the checkpoint has no RNG state for this rank (different world size?); "
                   "RNG streams start fresh", flush=True)
         if rank == 0:
-            print(f"[train] resumed from step {step} (epoch {start_epoch}, {skip_batches} batches into it) "
-                  f"from {checkpoint.path}", flush=True)
+            print(f"[train] resumed from step {step} (epoch {start_epoch}, {int(client_state.get('batch_in_epoch', 0))}"
+                  f" batches into it) from {checkpoint.path}", flush=True)
+    # non-finite loss/gradients: skipped steps, rollbacks (the steps recorded before one), the final stop
+    bad = BadSteps(cfg, rank, loop_config.get("run_dir"), step)
 
     validator = None
     if cfg.eval.every > 0:
         from volvlp_ray.eval.validation import Validator
 
-        # every rank holds the subset and runs it: under ZeRO-3 a forward pass is collective, and every rank
-        # then reports the same numbers to Ray Train (Tune's schedulers read them)
-        validator = Validator(cfg, loop_config["tokenizer_dir"])
+        # every rank embeds its share of the subset's batches, streamed from the shards, and gets everyone's
+        # embeddings: every rank reports the same numbers to Ray Train (Tune's schedulers read them); under ZeRO-3 a
+        # forward pass is collective, so every rank makes as many as the busiest one
+        validator = Validator(cfg, loop_config["tokenizer_dir"], rank=rank, world=world,
+                              collective_forward=cfg.train.zero_stage == 3, timeout_s=cfg.train.timeout_s)
         if rank == 0:
             print(f"[train] validation every {cfg.eval.every} steps on {len(validator)} held-out volumes", flush=True)
 
     logger = None
     if rank == 0:
         # a background sender: a slow or restarting tracking server never holds rank 0 (and so every rank); what
-        # it cannot deliver by the end is written to this file (replay with tracking.replay_metrics_file)
-        unsent = cfg.workspace_path / "mlflow-unsent" / f"{loop_config['run_id']}.jsonl"
-        logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"], fallback_path=unsent)
+        # it cannot deliver by the end is written to this file (`python -m volvlp_ray.tracking replay FILE`);
+        # outage and recovery lines go to rank 0's stdout; retries at most every 10 s (a refused connection is cheap)
+        unsent = unsent_metrics_path(cfg, loop_config["run_id"])
+        logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"], fallback_path=unsent, console=True,
+                              backoff_max_s=10.0)
         logger.skip_logged_steps("train/loss")  # after a resume: steps already in MLflow are not logged twice
+        if bad.rollbacks:  # steps before a rollback were logged (a NaN loss is not, so train/loss cannot tell)
+            logger.skip_through = max(logger.skip_through, bad.logged_through)
 
     if step >= cfg.train.steps:
         # a finished run started again (a driver rerun, a resumed sweep trial): nothing to train; report the
@@ -178,23 +215,35 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         return
 
     stream = TrainStream(cfg, ray.train.get_dataset_shard("train"), tokenizer, pairs, rank, world,
-                         first_step=step, epoch=start_epoch, skip=skip_batches, carry=carry)
+                         first_step=step, epoch=start_epoch, skip=skip_batches, start=epoch_start)
     # on a GPU the producer's batches are already on the device: one ready ahead (plus the one being made and the
     # one in the step: 3 batches of device memory); on the CPU two ahead
-    batches = BatchProducer(stream, _Prepare(cfg, device, use_gpu, pairs, rank), depth=1 if use_gpu else 2)
-    train_step = _train_step_fn(cfg, engine, loss_fn, dtype, n_micro, micro)
-    trace = _StepTrace(rank)  # test-only: VOLVLP_STEP_TRACE
+    batches = BatchProducer(stream, _Prepare(cfg, device, use_gpu, pairs, rank), depth=1 if use_gpu else 2,
+                            name=f"training batches (rank {rank})", timeout_s=cfg.train.timeout_s)
+    train_step = _train_step_fn(cfg, engine, loss_fn, dtype, n_micro, micro, rank)
+    trace = _StepTrace(rank, loss_fn)  # test-only: VOLVLP_STEP_TRACE
     window = _Window(batches)
+    trained = TrainedKeys()  # the keys trained in the current epoch (a resume on another number of workers skips them)
     try:
         for b in batches:
-            loss, pair_loss = train_step(adopt(b.tensors), b.depths)
+            replayed = bad.is_replayed_bad_step(step + 1)
+            if replayed:  # recorded as bad before a rollback: the batch is consumed, not trained on
+                adopt(b.tensors)
+                loss, pair_loss = torch.full((), float("nan"), device=device), None
+                engine.skipped_steps += 1  # counted (and checkpointed) with DeepSpeed's own skipped steps
+            else:
+                loss, pair_loss = train_step(adopt(b.tensors), b.depths, step + 1)
             step += 1
-            window.add(b, world, pair_loss)
+            # DeepSpeed skipped the update (non-finite global gradient norm): a host bool, the same on every rank
+            skipped = replayed or not engine.was_step_applied()
+            window.add(b, world, pair_loss, skipped, trained=not replayed)
+            trained.add(b.epoch, b.carry, b.keys)
             trace.write(step, b, engine.module)
+            bad.after_step(step, skipped, replayed)  # past train.max_bad_steps in a row: raises (rollback / stop)
             final = step >= cfg.train.steps
 
             if step % cfg.train.log_every == 0 or final:
-                metrics = window.metrics(loss, world, scheduler, engine.module, cfg, b.epoch)
+                metrics = window.metrics(loss, world, scheduler, engine.module, cfg, b.epoch, engine.skipped_steps)
                 if logger:
                     logger.log(metrics, step)
                     pair_txt = f" (pair {metrics['train/pair_loss']:.3f})" if "train/pair_loss" in metrics else ""
@@ -212,7 +261,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                           f"{val['val/zeroshot/mean/auroc']:.3f} ({val['val/seconds']:.1f}s)", flush=True)
             if step % cfg.train.checkpoint_every == 0 or final:
                 _save_and_report(engine, cfg, step, float(loss), rank, final, tokenizer, epoch=b.epoch,
-                                 batch_in_epoch=b.batch_in_epoch, carry=b.carry, extra=val)
+                                 batch_in_epoch=b.batch_in_epoch, carry=b.carry, trained=trained.keys, world=world,
+                                 extra=val)
+                bad.checkpointed(step)
             elif val:
                 ray.train.report({"step": step, "loss": float(loss), "epoch": b.epoch, **val})
             if final:
@@ -227,13 +278,21 @@ def _close(logger) -> None:
         logger.close()
 
 
-def _train_step_fn(cfg: Config, engine, loss_fn, dtype: torch.dtype, n_micro: int, micro: int):
-    """``train_step(tensors, depths) -> (loss, pair_loss)``: forward, global loss, backward, optimizer step.
-    Nothing in it reads a value back from the device (the loss stays a tensor)."""
+def _train_step_fn(cfg: Config, engine, loss_fn, dtype: torch.dtype, n_micro: int, micro: int, rank: int = 0):
+    """``train_step(tensors, depths, step) -> (loss, pair_loss)``: forward, global loss, backward, optimizer step
+    of global step ``step`` (1-based). Nothing in it reads a value back from the device (the loss stays a tensor).
+
+    A non-finite loss on any rank makes the step's global gradient norm non-finite on every rank, and DeepSpeed
+    then skips the update (``engine.was_step_applied()`` is False, the LR schedule does not advance), in every
+    ZeRO stage and with grad-cache: see ``volvlp_ray.train.badsteps``. ``VOLVLP_INJECT_NAN`` (test-only) makes
+    this rank's loss NaN at the steps it names."""
     from volvlp_ray.data.pipeline import normalise_tensor
     from volvlp_ray.losses import negation_pair_loss
+    from volvlp_ray.train.badsteps import NanInjection, finite_or_nan, skip_non_finite_plain_steps
 
     hu_window = tuple(cfg.data.hu_window)
+    inject = NanInjection.from_env(rank)
+    skip_non_finite_plain_steps(engine)  # ZeRO-0 fp32: DeepSpeed's plain optimizer would apply a NaN update
 
     def volume_of(t: dict[str, torch.Tensor]) -> torch.Tensor:
         if t["volume"].dtype == torch.int16:  # int16 HU -> [-1, 1], on the device (data.normalise_in=device)
@@ -247,13 +306,19 @@ def _train_step_fn(cfg: Config, engine, loss_fn, dtype: torch.dtype, n_micro: in
             engine.backward(surrogate * n_micro)  # undo DeepSpeed's 1/gradient_accumulation_steps scaling
             engine.step()  # applies the update at the accumulation boundary (the last micro-batch) only
 
+        at = {"step": 0}
+
+        def checked_loss(*args, **kwargs) -> torch.Tensor:  # non-finite -> non-finite feature gradients
+            return finite_or_nan(loss_fn(*args, **kwargs), inject.fires(at["step"]))
+
         grad_cache = GradCache(
             lambda im: engine.module.encode_image(im["volume"], im.get("depths")),
             lambda tx: engine.module.encode_text(tx["input_ids"], tx["attention_mask"]),
-            loss_fn, micro, backward_fn=backward,
+            checked_loss, micro, backward_fn=backward,
         )
 
-        def cached_step(t: dict[str, torch.Tensor], depths: torch.Tensor | None):
+        def cached_step(t: dict[str, torch.Tensor], depths: torch.Tensor | None, step: int = 0):
+            at["step"] = step
             m = engine.module
             image = {"volume": volume_of(t), **({"depths": depths} if depths is not None else {})}
             loss = grad_cache.step(image, {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]},
@@ -263,7 +328,7 @@ def _train_step_fn(cfg: Config, engine, loss_fn, dtype: torch.dtype, n_micro: in
 
         return cached_step
 
-    def train_step(t: dict[str, torch.Tensor], depths: torch.Tensor | None):
+    def train_step(t: dict[str, torch.Tensor], depths: torch.Tensor | None, step: int = 0):
         pair = "pair_ids" in t
         out = engine(volume_of(t), depths, t["input_ids"], t["attention_mask"],
                      *((t["pair_ids"], t["pair_mask"]) if pair else ()))
@@ -274,6 +339,7 @@ def _train_step_fn(cfg: Config, engine, loss_fn, dtype: torch.dtype, n_micro: in
             pair_loss = negation_pair_loss(out["image_features"], out["pair_features"], t["pair_valid"],
                                            out["logit_scale"])
             loss = loss + cfg.loss.pair_weight * pair_loss
+        loss = finite_or_nan(loss, inject.fires(step))
         engine.backward(loss)
         engine.step()
         return loss.detach(), None if pair_loss is None else pair_loss.detach()
@@ -284,20 +350,27 @@ def _train_step_fn(cfg: Config, engine, loss_fn, dtype: torch.dtype, n_micro: in
 class TrainStream:
     """This rank's training batches, host side, in the producer thread: Ray Data's stream of rows -> the batches
     of ``data.sampler`` -> numpy batches, positioned at (``epoch``, ``skip``) for a resumed run and ending after
-    the batches that ``train.steps`` needs (every rank makes the same number of agreements).
+    the batches that ``train.steps`` needs (every rank makes the same number of agreements). ``start``: the
+    resumed epoch's ``EpochStart`` (``train/elastic.py``; a plain ``carry`` list is one): its pools' first rows, the
+    keys its stream leaves out (trained before a resume on another number of workers) and the number of its batches
+    trained before this stream began (``batch_in_epoch`` continues from it; ``skip`` counts from it too).
 
     ``data.sampler=equal`` (``data/sampler.py``): every rank's batch in a step has the same z-length (agreed over a
     gloo group of its own, so the agreement never interleaves with the step's collectives in the main thread),
     cut at batch time. ``bucket``: per-rank depth bucketing (padding to each batch's deepest sample)."""
 
     def __init__(self, cfg: Config, shard, tokenizer, pairs, rank: int, world: int, *, first_step: int, epoch: int,
-                 skip: int, carry: list | None):
+                 skip: int, carry: list | None = None, start: list | None = None):
         from volvlp_ray.data.pipeline import StepBatcher
+        from volvlp_ray.train.elastic import EpochStart
 
         self.cfg, self.shard, self.pairs, self.rank, self.world = cfg, shard, pairs, rank, world
-        self.first_step, self.epoch, self.skip, self.carry = first_step, epoch, skip, carry or []
+        self.first_step, self.epoch, self.skip = first_step, epoch, skip
+        start = start if start is not None else carry
+        self.start = start if isinstance(start, EpochStart) else EpochStart(start or [])
         self.batcher = StepBatcher(cfg, tokenizer)
-        self._carry: list = []  # the current epoch's carry, handed along with each of its batches
+        # the current epoch's start (an EpochStart: its carry, ...), handed along with each of its batches
+        self._carry: list = EpochStart()
         self.sampler = None
         self.comm = None
         if cfg.data.sampler == "equal":
@@ -305,7 +378,8 @@ class TrainStream:
 
             # a gloo group of its own, created here in the main thread by every rank in the same order (a
             # collective): the producer thread's agreements never interleave with the step's collectives
-            self.comm = GlooComm(dist.new_group(backend="gloo"), rank, world) if world > 1 else LocalComm()
+            self.comm = GlooComm(dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.train.timeout_s)),
+                                 rank, world) if world > 1 else LocalComm()
 
     def _epoch_batches(self, epoch: int):
         from volvlp_ray.data.bucketing import rebatch
@@ -323,6 +397,7 @@ class TrainStream:
         ), b * pool, drop_last=pool == 1 and not equal)
         if equal:
             from volvlp_ray.data.sampler import EqualTokenSampler, equal_token_steps, rows_of
+            from volvlp_ray.train.elastic import EpochStart, drop_keys
 
             pz = cfg.model.patch[0]
             if self.sampler is None:
@@ -330,12 +405,14 @@ class TrainStream:
                     b, pz, cfg.data.text_mode, (cfg.data.chunk_depth[0] // pz, cfg.data.chunk_depth[1] // pz),
                     pool_rows=cfg.data.pool_batches * b, max_pool=cfg.data.max_pool_batches * b, seed=cfg.seed,
                     rank=rank)
-                carry = self.carry
+                start = self.start
             else:
-                carry = list(self.sampler.pool)  # what the last epoch left
-            self._carry = carry  # travels with each batch: the producer runs ahead of the checkpointing loop
+                start = EpochStart(self.sampler.pool)  # what the last epoch left
+            self._carry = start  # travels with each batch: the producer runs ahead of the checkpointing loop
             rows = (r for batch in batches for r in rows_of(batch))
-            for plan in equal_token_steps(self.sampler, rows, self.comm, epoch, carry):
+            if start.excluded:  # trained before a resume on another number of workers
+                rows = drop_keys(rows, start.excluded)
+            for plan in equal_token_steps(self.sampler, rows, self.comm, epoch, list(start), first_step=start.base):
                 yield plan
         else:
             from volvlp_ray.data.bucketing import bucket_by_depth
@@ -349,11 +426,12 @@ class TrainStream:
         produced, empty_epochs = 0, 0
         for epoch in itertools.count(self.epoch):
             n = 0
+            base = self.start.base if epoch == self.epoch else 0
             for n, item in enumerate(self._epoch_batches(epoch), 1):
                 if epoch == self.epoch and n <= self.skip:
                     continue  # trained on before the checkpoint: the sampler's state advances, no voxels read
                 batch = self.batcher(item) if self.cfg.data.sampler == "equal" else item
-                yield epoch, n, self.first_step + produced, batch, self._carry
+                yield epoch, base + n, self.first_step + produced, batch, self._carry
                 produced += 1
                 if produced >= needed:
                     return
@@ -362,6 +440,16 @@ class TrainStream:
                 raise RuntimeError(
                     f"three epochs in a row gave no batch of {self.cfg.train.batch_size} rows per worker: the "
                     "training split is too small for train.batch_size x scaling.num_workers")
+
+
+def collective_timeouts(seconds: int) -> None:
+    """Process groups created from now on without a timeout of their own (DeepSpeed's copy of the world group, on
+    which ZeRO gathers and reduces) time out after ``seconds`` (``train.timeout_s``) instead of torch's default
+    (30 min for gloo, 10 for NCCL): a rank left waiting for a peer raises instead of hanging."""
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timedelta(seconds=seconds)
+    distributed_c10d.default_pg_nccl_timeout = timedelta(seconds=seconds)
 
 
 class GlooComm:
@@ -397,6 +485,7 @@ class _Prepare:
         from volvlp_ray.train.producer import to_device
 
         epoch, n, step, np_batch, carry = item
+        keys = [str(k) for k in np_batch["key"]] if "key" in np_batch else []
         if self.stream is not None and not self._device_set:  # the CUDA device is per thread
             torch.cuda.set_device(self.device)
             self._device_set = True
@@ -420,7 +509,7 @@ class _Prepare:
         t = to_device(t, self.device, self.stream)
         return ReadyBatch(epoch=epoch, batch_in_epoch=n, step=step, tensors=t, depths=depths if padded else None,
                           samples=b, vision_tokens=b * (d // pz) * self.grid_yx, truncated=truncated,
-                          pair_valid=pair_valid, carry=carry)
+                          pair_valid=pair_valid, carry=carry, keys=keys)
 
 
 class _Window:
@@ -431,21 +520,28 @@ class _Window:
         self.reset(time.perf_counter())
 
     def reset(self, now: float) -> None:
-        self.t0, self.samples, self.truncated, self.steps = now, 0, 0, 0
+        self.t0, self.samples, self.truncated, self.steps, self.skipped = now, 0, 0, 0, 0
         self.wait0 = self.batches.wait_seconds
         self.pair_losses: list[torch.Tensor] = []
         self.pair_valid = 0.0
 
-    def add(self, b: ReadyBatch, world: int, pair_loss: torch.Tensor | None) -> None:
-        self.samples += b.samples * world
-        self.truncated += b.truncated
+    def add(self, b: ReadyBatch, world: int, pair_loss: torch.Tensor | None, skipped: bool = False,
+            trained: bool = True) -> None:
+        if trained:  # not a batch left out on a replay: it took no time
+            self.samples += b.samples * world
+            self.truncated += b.truncated
         self.steps += 1
+        self.skipped += int(skipped)
         self.pair_valid += b.pair_valid
-        if pair_loss is not None:
+        if pair_loss is not None and not skipped:
             self.pair_losses.append(pair_loss)
 
-    def metrics(self, loss: torch.Tensor, world: int, scheduler, module, cfg: Config, epoch: int) -> dict[str, float]:
-        """The logged metrics (one all-reduce of the loss and one read-back: periodic work, not every step)."""
+    def metrics(self, loss: torch.Tensor, world: int, scheduler, module, cfg: Config, epoch: int,
+                skipped_total: int = 0) -> dict[str, float]:
+        """The logged metrics (one all-reduce of the loss and one read-back: periodic work, not every step).
+        ``train/loss`` is that of the last step (NaN, and so not logged, when that step was skipped);
+        ``train/skipped_steps``: steps whose update was skipped (non-finite loss/gradients, or replayed after a
+        rollback) in the run so far, ``skipped_total``; ``train/skipped_steps_window``: since the last log step."""
         global_loss = loss.float().clone()
         if dist.is_initialized():
             dist.all_reduce(global_loss)
@@ -461,6 +557,8 @@ class _Window:
             "train/data_wait_fraction": (self.batches.wait_seconds - self.wait0) / elapsed,
             "train/text_truncated_fraction": self.truncated * world / max(self.samples, 1),
             "train/epoch": float(epoch),
+            "train/skipped_steps": float(skipped_total),
+            "train/skipped_steps_window": float(self.skipped),
         }
         if self.pair_losses:
             # rank 0's mean over the steps since the last log (the loss above includes it, weighted)
@@ -472,13 +570,19 @@ class _Window:
 
 class _StepTrace:
     """Test-only: with ``VOLVLP_STEP_TRACE=DIR`` each rank appends one JSON line per step to
-    ``DIR/rank_{rank}.jsonl``: the volume's shape, the vision tokens, whether a padding mask was built and how
-    many attention calls received a mask (the model's own counter)."""
+    ``DIR/rank_{rank}.jsonl``: the volume's shape, the vision tokens, whether a padding mask was built, how
+    many attention calls received a mask (the model's own counter) and the loss module (``repr``: its kind and
+    exchange), the batch's sample keys and, on an epoch's first batch, those of the rows its pool started with
+    (``carry``). With ``VOLVLP_STEP_TRACE_BATCHES=N`` as well, the tensors of the first N steps' batches (as the
+    step consumed them: int16 HU volume, ``depths``, tokens, metadata) go to ``DIR/batch_rank{rank}_step{step}.pt``,
+    so that a test can recompute a step from the same inputs."""
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, loss_fn=None):
         d = os.environ.get("VOLVLP_STEP_TRACE")
         self.path = os.path.join(d, f"rank_{rank}.jsonl") if d else None
-        self.rank = rank
+        self.dir, self.rank = d, rank
+        self.loss = repr(loss_fn) if loss_fn is not None else None
+        self.batches = int(os.environ.get("VOLVLP_STEP_TRACE_BATCHES", "0") or 0) if d else 0
         if d:
             os.makedirs(d, exist_ok=True)
 
@@ -489,36 +593,39 @@ class _StepTrace:
         rec = {"step": step, "rank": self.rank, "shape": list(b.tensors["volume"].shape),
                "vision_tokens": b.vision_tokens, "mask_built": b.depths is not None,
                "masked_attention_calls": int(getattr(vision, "masked_attention_calls", -1)),
-               "epoch": b.epoch, "batch_in_epoch": b.batch_in_epoch}
+               "epoch": b.epoch, "batch_in_epoch": b.batch_in_epoch, "loss": self.loss, "keys": b.keys}
+        if b.batch_in_epoch == 1:  # an epoch's first batch: the keys of the rows its pool started with
+            rec["carry"] = [str(r["key"]) for r in b.carry]
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
-
-
-def _load_carry(ckpt_dir: str, rank: int) -> list | None:
-    from volvlp_ray.data.sampler import load_carry
-
-    path = os.path.join(ckpt_dir, "worker_state", f"carry_rank_{rank}.npz")
-    return load_carry(path) if os.path.isfile(path) else None
+        if step <= self.batches:
+            tensors = {k: v.detach().cpu().clone() for k, v in b.tensors.items()}
+            if b.depths is not None:
+                tensors["depths"] = b.depths.clone()
+            torch.save(tensors, os.path.join(self.dir, f"batch_rank{self.rank}_step{step}.pt"))
 
 
 def _save_and_report(engine, cfg: Config, step: int, loss: float, rank: int, final: bool, tokenizer, *,
-                     epoch: int, batch_in_epoch: int, carry: list | None = None,
-                     extra: dict[str, float] | None = None) -> None:
+                     epoch: int, batch_in_epoch: int, carry: list | None = None, trained: list[str] | None = None,
+                     world: int = 1, extra: dict[str, float] | None = None) -> None:
     """Every rank writes its DeepSpeed shard and its RNG/data state to a local folder; ``ray.train.report``
-    uploads them into one checkpoint directory in storage, registered once every rank's upload is done."""
+    uploads them into one checkpoint directory in storage, registered once every rank's upload is done.
+    ``world_size`` (and with ``data.sampler=equal`` each rank's epoch start and trained keys, see
+    ``train/elastic.py``) let a run resume on another number of workers."""
     import ray.train
     from ray.train import Checkpoint
 
     from volvlp_ray.train.checkpoint import save_worker_state
 
-    progress = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
+    position = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
+    progress = {**position, "world_size": world, "epoch_base": int(getattr(carry, "base", 0))}
     with tempfile.TemporaryDirectory(prefix="volvlp-ckpt-") as tmp:
         engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state=progress)
-        save_worker_state(tmp, rank, **progress)
-        if cfg.data.sampler == "equal":  # the rows this epoch's pool started with: replayed on resume
-            from volvlp_ray.data.sampler import save_carry
+        save_worker_state(tmp, rank, **position)
+        if cfg.data.sampler == "equal":  # the epoch's start and what was trained in it: replayed / left out on resume
+            from volvlp_ray.train.elastic import save_data_position
 
-            save_carry(os.path.join(tmp, "worker_state", f"carry_rank_{rank}.npz"), carry or [])
+            save_data_position(tmp, rank, carry if carry is not None else [], trained or [])
         if final:
             _export(engine, cfg, rank, tokenizer, os.path.join(tmp, "export"))
         if rank == 0:

@@ -17,7 +17,8 @@ from typing import Any
 
 from volvlp_ray.config import Config, config_to_dict
 
-__all__ = ["ensure_ray", "ensure_shards", "ensure_tokenizer", "run_pretraining"]
+__all__ = ["ClusterTooSmallError", "ensure_ray", "ensure_shards", "ensure_tokenizer", "fit_cluster", "plan_worker_cpus",
+           "run_pretraining", "train_timeouts"]
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,150 @@ def ensure_ray(cfg: Config, concurrent_trials: int = 1) -> None:
     # Logical CPUs: the training workers hold theirs for the whole run, and Ray Data's read/decode tasks
     # need CPUs of their own beside them, so a small machine gets headroom over its core count.
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker * concurrent_trials
-    num_cpus = max(os.cpu_count() or 1, need) + max(2, need)
+    num_cpus = max(os.cpu_count() or 1, need) + max(2, need, cfg.scaling.data_cpus * concurrent_trials)
     # the dashboard process serves the state API that Ray Train's controller polls
     start_local_ray(num_cpus=num_cpus, include_dashboard=True, logging_level=logging.WARNING)
     print(f"[ray] started a local instance with {num_cpus} logical CPUs", flush=True)
+
+
+class ClusterTooSmallError(RuntimeError):
+    """The cluster cannot hold the run's training workers and the CPUs its data pipeline needs beside them."""
+
+
+def plan_worker_cpus(scaling, nodes: list[dict[str, float]], nodes_may_join: str | None = None) -> tuple[float, str | None]:
+    """CPUs each training worker reserves on a cluster of ``nodes`` (each node's total resources), and a line to
+    print about it (or None).
+
+    The run needs ``scaling.num_workers`` bundles of ``scaling.cpus_per_worker`` CPUs (and one GPU with
+    ``scaling.use_gpu``), each on one node, plus ``scaling.data_cpus`` CPUs left free for Ray Data's tasks (a task
+    takes one CPU; workers holding every CPU leave the input waiting forever). A cluster that holds it all gets the
+    asked reservation. On a fixed cluster of one node that holds the workers but not the data CPUs beside them, each
+    worker reserves its share of the CPUs the data pipeline leaves ((CPUs - data_cpus) / num_workers): the workers'
+    threads and Ray Data's tasks then share the cores, which they do on one machine anyway. On several nodes the CPUs
+    such fractional reservations leave would be split across nodes where a one-CPU task may fit on none, so no
+    fitting there. Anything else raises :class:`ClusterTooSmallError` naming the missing resources and the settings
+    to change, unless ``nodes_may_join`` (why an autoscaler may add nodes) is given: then the line says what is
+    missing now and the run waits for the nodes.
+    """
+    n, cpus, data = scaling.num_workers, float(scaling.cpus_per_worker), float(scaling.data_cpus)
+    gpus = 1.0 if scaling.use_gpu else 0.0
+    total_cpu = sum(float(r.get("CPU", 0)) for r in nodes)
+    total_gpu = sum(float(r.get("GPU", 0)) for r in nodes)
+
+    def bundles(cpu: float) -> int:  # workers that fit, each bundle on one node
+        fit = 0
+        for r in nodes:
+            k = int(float(r.get("CPU", 0)) / cpu + 1e-9)
+            fit += min(k, int(float(r.get("GPU", 0)) / gpus + 1e-9)) if gpus else k
+        return fit
+
+    ask = (f"scaling.num_workers={n} x scaling.cpus_per_worker={scaling.cpus_per_worker} CPU"
+           + (" + 1 GPU" if gpus else "") + f" for the training workers, each on one node, and scaling.data_cpus="
+           f"{scaling.data_cpus} CPU free beside them for Ray Data's tasks")
+    has = (f"{total_cpu:g} CPUs" + (f" and {total_gpu:g} GPUs" if gpus else "") + f" on {len(nodes)} node"
+           + ("s" if len(nodes) != 1 else ""))
+    missing = []
+    if gpus and total_gpu < n:
+        missing.append(f"{n - total_gpu:g} GPU(s)")
+    if total_cpu < n * cpus:
+        missing.append(f"{n * cpus - total_cpu:g} CPU(s) for the training workers")
+    elif bundles(cpus) < n and not missing:
+        missing.append(f"nodes that hold {n} bundles of {cpus:g} CPU" + (" + 1 GPU" if gpus else "")
+                       + f" (the cluster's nodes hold {bundles(cpus)})")
+    free = total_cpu - n * cpus
+    if not missing and free >= data:
+        return float(scaling.cpus_per_worker), None
+    if nodes_may_join:
+        short = "; ".join(missing) or f"{data - free:g} CPU(s) for Ray Data's tasks"
+        return float(scaling.cpus_per_worker), (
+            f"[train] the cluster has {has} now; the run needs {ask}: missing {short}. Nodes may join ({nodes_may_join}):"
+            " the workers wait for them (Ray Train retries the start every RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=60 "
+            "s; set scaling.cluster=fixed to fail at once instead)")
+    if not missing and len(nodes) == 1 and total_cpu > data:
+        share = int((total_cpu - data) / n * 100) / 100  # two decimals, rounded down
+        if share >= 0.01:
+            return share, (
+                f"[train] the cluster has {has}; the run asks for {ask}, {n * cpus + data:g} CPUs in all: each "
+                f"training worker reserves {share:g} CPU instead of {cpus:g}, so that {total_cpu - n * share:g} stay "
+                f"free for Ray Data's tasks (the workers still run {scaling.cpus_per_worker} thread(s) each: they share "
+                "the cores with the data pipeline; give the cluster more CPUs for the full reservation)")
+    if not missing:
+        missing.append(f"{data - max(free, 0):g} CPU(s) for Ray Data's tasks beside the training workers"
+                       + (" (fitting by smaller reservations is done on one node only)" if len(nodes) > 1 else ""))
+    raise ClusterTooSmallError(
+        f"the cluster cannot run this job: it has {has}; the run needs {ask}. Missing: {'; '.join(missing)}. Lower "
+        "scaling.num_workers or scaling.cpus_per_worker" + (" (or scaling.use_gpu=false)" if gpus else "")
+        + ", or scaling.data_cpus (0 keeps no CPU for the data pipeline: its tasks may then never run), or give the "
+        "cluster more resources (ray start --num-cpus=N on a node). If an autoscaler will add nodes, set "
+        "scaling.cluster=autoscaling")
+
+
+def nodes_may_join(gcs_address: str | None = None) -> str | None:
+    """Why an autoscaler may add nodes to the cluster this process is connected to (a short reason), or None:
+    KubeRay manages it, its cluster config has node groups that scale, or its autoscaler monitor on this machine runs
+    with a cluster config (``ray up``'s head, where jobs run)."""
+    if os.environ.get("RAY_USAGE_STATS_KUBERAY_IN_USE"):
+        return "KubeRay manages the cluster"
+    try:
+        from ray.data._internal.cluster_autoscaler.util import is_autoscaling_enabled
+
+        if is_autoscaling_enabled():
+            return "its node groups autoscale"
+    except Exception:  # noqa: BLE001 - an internal API; absent means unknown
+        pass
+    try:
+        import psutil
+
+        import ray
+
+        gcs = gcs_address or ray.get_runtime_context().gcs_address
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = p.info.get("cmdline") or []
+            if (any(c.endswith("monitor.py") for c in cmd) and f"--gcs-address={gcs}" in cmd
+                    and any(c.startswith("--autoscaling-config=") for c in cmd)):
+                return "its autoscaler runs with a cluster config"
+    except Exception:  # noqa: BLE001
+        pass
+    return None
+
+
+def fit_cluster(cfg: Config, quiet: bool = False) -> float:
+    """CPUs per training worker on the cluster Ray is connected to (``plan_worker_cpus``; ``scaling.cluster``
+    says whether nodes may join: auto-detected, ``fixed`` or ``autoscaling``). Prints what it decides (unless
+    ``quiet``); raises :class:`ClusterTooSmallError` at once rather than letting the run wait forever."""
+    import ray
+
+    nodes = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    mode = cfg.scaling.cluster
+    joining = None if mode == "fixed" else ("scaling.cluster=autoscaling" if mode == "autoscaling" else nodes_may_join())
+    cpus, line = plan_worker_cpus(cfg.scaling, nodes, joining)
+    if quiet:
+        return cpus
+    if line:
+        print(line, flush=True)
+    free = ray.available_resources()
+    n = cfg.scaling.num_workers
+    want = {"CPU": n * cpus + cfg.scaling.data_cpus, **({"GPU": n} if cfg.scaling.use_gpu else {})}
+    short = {k: v for k, v in want.items() if free.get(k, 0) + 1e-9 < v}
+    if short and not line:
+        print(f"[train] the cluster holds enough, but only {', '.join(f'{free.get(k, 0):g} {k}' for k in short)} "
+              f"of it free now (other jobs hold the rest): the workers wait for it (Ray Train retries the start every "
+              "60 s)", flush=True)
+    return cpus
+
+
+_TIMEOUT_ENV = "RAY_TRAIN_COLLECTIVE_TIMEOUT_S"
+_timeout_set: dict[str, str] = {}
+
+
+def train_timeouts(cfg: Config) -> int:
+    """``train.timeout_s``, for the process group (returned: ``TorchConfig.timeout_s``) and for Ray Train's own
+    barriers (``ray.train.report``): ``RAY_TRAIN_COLLECTIVE_TIMEOUT_S``, which Ray Train hands from the driver to its
+    controller and workers when ``fit`` starts, is set here unless the user set it."""
+    value = str(cfg.train.timeout_s)
+    if os.environ.get(_TIMEOUT_ENV) in (None, _timeout_set.get(_TIMEOUT_ENV)):
+        os.environ[_TIMEOUT_ENV] = _timeout_set[_TIMEOUT_ENV] = value
+    return cfg.train.timeout_s
 
 
 def start_local_ray(**init_kwargs: Any) -> str:
@@ -151,6 +292,7 @@ def build_trainer(cfg: Config, run_name: str, tokenizer_dir: str, tracking_uri: 
     from ray.data import ExecutionOptions
 
     from volvlp_ray.data.pipeline import TrainDatasetFactory
+    from volvlp_ray.train.badsteps import FailureBudget
     from volvlp_ray.train.loop import train_loop_per_worker
 
     # the loop prints its own progress; per-operator bars from the streaming split would flood the log
@@ -165,49 +307,62 @@ def build_trainer(cfg: Config, run_name: str, tokenizer_dir: str, tracking_uri: 
     }}
     if not cfg.scaling.use_gpu:
         env["env_vars"]["DS_ACCELERATOR"] = "cpu"
+    # the project's test hooks (VOLVLP_STEP_TRACE, VOLVLP_INJECT_NAN, ...) reach the workers on a cluster too
+    env["env_vars"].update({k: v for k, v in os.environ.items() if k.startswith("VOLVLP_")})
     if cfg.data.volume_transport == "direct":  # the workers read the voxels from the shards themselves
         from volvlp_ray.data.storage import task_runtime_env
 
         env["env_vars"].update((task_runtime_env(cfg.shards_path) or {}).get("env_vars", {}))
     storage = storage or runs_storage(cfg)
+    from volvlp_ray.data.storage import child
+
+    run_dir = child(storage, run_name)  # a URI keeps its query (endpoint, region) after the run's name
+    # a rollback after train.max_bad_steps non-finite steps is a worker failure to Ray Train: its limit covers
+    # train.max_rollbacks of them besides train.max_failures, and FailureBudget keeps the two apart (and stops the
+    # run without a retry when the rollbacks are used up)
+    max_failures = cfg.train.max_failures
+    if max_failures >= 0 and cfg.train.max_bad_steps > 0:
+        max_failures += cfg.train.max_rollbacks
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config_to_dict(cfg), "tokenizer_dir": tokenizer_dir,
-                           "tracking_uri": tracking_uri, "run_id": run_id},
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+                           "tracking_uri": tracking_uri, "run_id": run_id,
+                           "run_dir": run_dir},  # bad_steps.json: rollbacks (badsteps.py)
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo", timeout_s=train_timeouts(cfg)),
+        # checked against the cluster now: a run that cannot be placed fails here, not after an endless wait
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+                                     resources_per_worker={"CPU": fit_cluster(cfg)}),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            failure_config=FailureConfig(max_failures=max_failures),
             worker_runtime_env=env,
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), FailureBudget(cfg.train.max_failures)],
         ),
         # a factory: Ray Train calls it at every (re)start of the worker group, so a resumed run's stream
         # starts at the epoch of its latest checkpoint
-        datasets={"train": TrainDatasetFactory(cfg, tokenizer_dir, os.path.join(storage, run_name))},
+        datasets={"train": TrainDatasetFactory(cfg, tokenizer_dir, run_dir)},
         dataset_config=DataConfig(execution_options={"train": ExecutionOptions(
             preserve_order=cfg.data.deterministic)}),
     )
 
 
 def run_pretraining(cfg: Config) -> dict[str, Any]:
-    """The whole job. Returns {run_name, run_id, checkpoint, export, metrics}."""
-    from mlflow.tracking import MlflowClient
-
-    from volvlp_ray.tracking import resolve_tracking_uri, start_run
+    """The whole job. Returns {run_name, run_id, checkpoint, export, tracking_uri, metrics, mlflow_unsent}
+    (``mlflow_unsent``: the file holding what MLflow did not take, None when it took everything)."""
+    from volvlp_ray.tracking import (PostTrainingLog, resolve_tracking_uri, set_run_status, start_run,
+                                     unsent_metrics_path)
 
     t0 = time.time()
     ensure_ray(cfg)
+    fit_cluster(cfg, quiet=True)  # a cluster too small for the run fails now, before any data is prepared
     ensure_shards(cfg)
     tokenizer_dir = ensure_tokenizer(cfg)
     run_name = cfg.run_name or default_run_name(cfg)
     cfg.run_name = run_name  # the export's config then names its run (jobs/evaluate.py finds the MLflow run)
     tracking_uri = resolve_tracking_uri(cfg)
     run_id = start_run(cfg, run_name)
-    client = MlflowClient(tracking_uri)
     print(f"[mlflow] run {run_name} ({run_id}) at {tracking_uri}", flush=True)
     try:
         trainer = build_trainer(cfg, run_name, tokenizer_dir, tracking_uri, run_id)
@@ -225,64 +380,45 @@ def run_pretraining(cfg: Config) -> dict[str, Any]:
         if not os.path.isfile(os.path.join(export_dir, "vlp_config.json")):
             raise RuntimeError(f"the final checkpoint {ckpt_dir} has no export/ (was the run stopped before its "
                                "last step?)")
-        log_once(client, run_id, {"train/fit_seconds": fit_s}, cfg.train.steps)
+        # from here on training, checkpoint and export are safe: a tracking server that is away does not fail the
+        # job; what it does not take goes to the run's unsent file (with rank 0's), and the job says how to send it
+        post = PostTrainingLog(tracking_uri, run_id, unsent_metrics_path(cfg, run_id))
+        post.metrics({"train/fit_seconds": fit_s}, cfg.train.steps, what="train/fit_seconds")
         metrics: dict[str, float] = {}
         if cfg.eval.at_end:
-            metrics = evaluate_export(cfg, export_dir, tokenizer_dir, client, run_id)
-        tags = client.get_run(run_id).data.tags
-        if tags.get("volvlp.model_export") == export_dir and tags.get("volvlp.model_uri"):
-            model_uri = tags["volvlp.model_uri"]  # a finished run started again: its model is logged already
-        else:
-            from volvlp_ray.serving import log_vlp_model
-
-            model_uri = log_vlp_model(run_id, export_dir, tracking_uri)
-            client.set_tag(run_id, "volvlp.model_export", export_dir)
-        print(f"[mlflow] model {model_uri} (mlflow.pyfunc.load_model); export folder {export_dir} "
-              "(volvlp_ray.VLP.from_pretrained)", flush=True)
-        log_once(client, run_id, {"job/seconds": time.time() - t0}, cfg.train.steps)
-        client.set_terminated(run_id, "FINISHED")
+            metrics = evaluate_export(cfg, export_dir, tokenizer_dir, post)
+        model_uri = post.model(export_dir)
+        print(f"[mlflow] model {model_uri or 'not logged yet'}{' (mlflow.pyfunc.load_model)' if model_uri else ''}; "
+              f"export folder {export_dir} (volvlp_ray.VLP.from_pretrained)", flush=True)
+        post.metrics({"job/seconds": time.time() - t0}, cfg.train.steps, what="job/seconds")
+        post.terminate("FINISHED")
+        unsent = post.report(f"Training, checkpoint and export are complete: {ckpt_dir}")
     except BaseException:
-        client.set_terminated(run_id, "FAILED")
+        set_run_status(tracking_uri, run_id, "FAILED")  # one fail-fast try: the job's own error is what matters
         raise
-    print(f"[job] finished in {time.time() - t0:.0f}s; MLflow run {run_id}; "
+    note = " (incomplete: see the [mlflow] error above)" if unsent else ""
+    print(f"[job] finished in {time.time() - t0:.0f}s; MLflow run {run_id}{note}; "
           f"view with: mlflow ui --backend-store-uri {tracking_uri}", flush=True)
     return {"run_name": run_name, "run_id": run_id, "checkpoint": ckpt_dir, "export": export_dir,
-            "tracking_uri": tracking_uri, "metrics": metrics}
+            "tracking_uri": tracking_uri, "metrics": metrics, "mlflow_unsent": str(post.path) if unsent else None}
 
 
-def evaluate_export(cfg: Config, export_dir: str, tokenizer_dir: str, client, run_id: str) -> dict[str, float]:
+def evaluate_export(cfg: Config, export_dir: str, tokenizer_dir: str, post) -> dict[str, float]:
+    """Held-out evaluation of the export; plots and metrics logged through ``post`` (a ``PostTrainingLog``:
+    metrics not logged twice at the same step, and kept in the unsent file when the server is away)."""
     from volvlp_ray.eval.run import evaluate_model
     from volvlp_ray.models import VLP
 
     model = VLP.from_pretrained(export_dir)
     with tempfile.TemporaryDirectory() as plots_dir:
         res = evaluate_model(model, cfg, "valid", tokenizer_dir, plots_dir=plots_dir)
-        for p in res["plots"]:
-            client.log_artifact(run_id, p, "plots")
+        post.artifacts(res["plots"], "plots", what=f"{len(res['plots'])} evaluation plots")
     m = res["metrics"]
-    if not log_once(client, run_id, m, cfg.train.steps, sentinel="eval/n"):
-        print(f"[eval] run {run_id} already has held-out metrics at step {cfg.train.steps}: not logged again",
+    if post.metrics(m, cfg.train.steps, sentinel="eval/n", what=f"{len(m)} held-out metrics (eval/...)") is False:
+        print(f"[eval] run {post.run_id} already has held-out metrics at step {cfg.train.steps}: not logged again",
               flush=True)
     print(_summary(m), flush=True)
     return m
-
-
-def log_once(client, run_id: str, metrics: dict[str, float], step: int, sentinel: str | None = None) -> bool:
-    """Log ``metrics`` at ``step`` unless the run already has them there (``sentinel``, default: each key is
-    checked) -- a resumed or repeated job does not duplicate points. Returns whether anything was logged."""
-    from mlflow.entities import Metric
-
-    from volvlp_ray.tracking import last_logged_step
-
-    if sentinel is not None:
-        todo = metrics if last_logged_step(client, run_id, sentinel) < step else {}
-    else:
-        todo = {k: v for k, v in metrics.items() if last_logged_step(client, run_id, k) < step}
-    now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step) for k, v in todo.items()]
-    for i in range(0, len(batch), 500):
-        client.log_batch(run_id, metrics=batch[i : i + 500])
-    return bool(batch)
 
 
 def _summary(m: dict[str, float]) -> str:
