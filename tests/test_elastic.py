@@ -243,6 +243,7 @@ def _elastic_loop(config: dict) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # three Ray Train runs (measured 3-13 min on the loaded 2-core machine)
 def test_zero_state_is_repartitioned_for_another_number_of_workers(ray_session, tmp_path):
     import sys
 
