@@ -211,3 +211,18 @@ def test_prepare_resumes_after_a_kill_with_every_volume_once(tmp_path, ray_sessi
     after = sorted(_keys_in_shards(split))
     assert after == before and len(after) == len(set(after)) == 12
     assert not list(split.glob("*.tmp"))
+
+
+def test_read_path_modules_do_not_import_monai():
+    """What each Ray Data read task and the job's driver import (the row pipeline, the prepare entry points, the
+    trainer, evaluation) leaves MONAI out: ``import monai`` loads all of it (~10 s of CPU per process); only
+    ``preprocess_volume`` (the conversion job's tasks, the pyfunc model's NIfTI input) imports it, when called."""
+    import subprocess
+    import sys
+
+    mods = ["volvlp_ray.data.pipeline", "volvlp_ray.data.prepare", "volvlp_ray.train.trainer", "volvlp_ray.eval.run",
+            "volvlp_ray.eval.validation", "volvlp_ray.data.transforms"]
+    code = f"import sys\nfor m in {mods!r}: __import__(m)\nprint(sorted(m for m in sys.modules if m.split('.')[0] == 'monai'))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip() == "[]", p.stdout[-2000:]

@@ -283,3 +283,20 @@ def test_every_zero_stage_and_optimizer_trains_under_ray_train(ray_session, tmp_
             assert row["max_param_diff_after_load"] == 0.0, row
             assert row["next_loss_loaded"] == row["next_loss_original"], row
             assert row["max_param_diff_after_next_step"] == 0.0, row  # optimizer state came back too
+
+
+def test_cpu_config_keeps_deepspeed_from_building_its_shm_comm_op():
+    """A CPU run's engine never JIT-builds DeepSpeed's shared-memory comm op (unused by training; a C++ build of a
+    minute or more per process on a small machine): after ``deepspeed_config(..., use_gpu=False)`` DeepSpeed's own
+    builder returns nothing, and its comm backend falls back to torch.distributed."""
+    import importlib
+
+    from volvlp_ray.config import Config
+    from volvlp_ray.train.deepspeed import SHM_COMM_OP, deepspeed_config
+
+    deepspeed_config(Config(), use_gpu=False)
+    import deepspeed.ops
+
+    assert deepspeed.ops.__compatible_ops__[SHM_COMM_OP] is False
+    # (``import deepspeed.comm.torch as m`` would give torch: deepspeed.comm has an attribute named torch)
+    assert importlib.import_module("deepspeed.comm.torch").build_shm_op() is None

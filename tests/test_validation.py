@@ -175,3 +175,31 @@ def test_sharded_validation_under_zero3_equals_one_rank(tiny_workspace, ray_sess
         np.testing.assert_allclose(np.asarray(r0["txt"]), txt, rtol=0, atol=1e-6)
         here = {k: v for k, v in local.run(model).items() if k != "val/seconds"}
         assert r0["metrics"] == pytest.approx(here, abs=1e-6)
+
+
+def test_evaluation_reads_small_splits_directly_with_the_ray_data_read_s_results(tiny_workspace, ray_session):
+    """``eval.reader``: the held-out evaluation and the probe's training split, read in this process (``direct``,
+    what ``auto`` picks for a small split) give the Ray Data read's keys, labels and embeddings; ``auto`` switches
+    to Ray Data above ``eval.direct_max_volumes``."""
+    from volvlp_ray.config import ConfigError
+    from volvlp_ray.eval.run import embed_split, reads_directly
+
+    torch.set_num_threads(1)
+    tok = _tokenizer_dir(tiny_workspace)
+    for split, n in (("valid", 0), ("train", 5)):
+        got = {}
+        for reader in ("direct", "ray_data"):
+            cfg = _cfg(tiny_workspace, f"eval.reader={reader}")
+            got[reader] = embed_split(_model(cfg, tok), cfg, split, tok, max_volumes=n)
+        d, r = got["direct"], got["ray_data"]
+        assert len(d["keys"]) == (n or 8) and list(d["keys"]) == list(r["keys"]), split
+        np.testing.assert_array_equal(d["labels"], r["labels"])
+        # batches are cut from key order here, from shard order there: the same numbers up to padding's rounding
+        np.testing.assert_allclose(d["volume"], r["volume"], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(d["text"], r["text"], rtol=0, atol=1e-5)
+        assert d["volume"].dtype == r["volume"].dtype == np.float32
+    cfg = _cfg(tiny_workspace)
+    assert cfg.eval.reader == "auto" and reads_directly(cfg, 8) and not reads_directly(cfg, 513)
+    assert not reads_directly(_cfg(tiny_workspace, "eval.reader=ray_data"), 8)
+    with pytest.raises(ConfigError, match="eval.reader"):
+        _cfg(tiny_workspace, "eval.reader=sometimes")

@@ -304,8 +304,17 @@ class EvalConfig:
     Train (Tune's schedulers rank sweep trials by it); 0 = off. About 1-3 s per validation on CPU."""
     val_volumes: int = 32
     """Held-out volumes (the first in shard order) that validation during pre-training embeds each time."""
+    reader: str = "auto"
+    """How a split is read to be embedded (held-out evaluation, the probe's training split): "ray_data" (Ray Data
+    tasks decode and tokenise in parallel, streaming to this process: for large splits), "direct" (this process
+    reads the shards itself, one batch of voxels at a time, as validation does: no Ray Data start-up, which costs
+    tens of seconds on a small machine), or "auto": direct for at most ``direct_max_volumes`` volumes."""
+    direct_max_volumes: int = 512
+    """``reader: auto`` reads a split of at most this many volumes directly, a larger one with Ray Data."""
 
     def __post_init__(self) -> None:
+        if self.reader not in ("auto", "direct", "ray_data"):
+            raise ConfigError(f"eval.reader={self.reader!r} is not one of ['auto', 'direct', 'ray_data']")
         if not self.ks or min(self.ks) < 1:
             raise ConfigError(f"eval.ks must be a non-empty list of positive ints, got {self.ks}")
         if len(self.prompts) != 2 or not all("{label}" in p for p in self.prompts):
@@ -318,7 +327,7 @@ class EvalConfig:
         for name in ("batch_size", "chunk_depth", "chunk_stride", "val_volumes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("n_bootstrap", "probe_train_volumes", "every"):
+        for name in ("n_bootstrap", "probe_train_volumes", "every", "direct_max_volumes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"eval.{name} must be >= 0, got {getattr(self, name)}")
 

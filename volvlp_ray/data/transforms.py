@@ -7,6 +7,10 @@ Steps: HU = slope*raw + intercept -> orientation to RAS from the affine -> resam
 -> HU clip -> in-plane crop/pad. Depth is never cropped or resized to a fixed size: it follows from the
 scan length and the target z spacing. Index order of the result: z increases toward superior, y toward
 anterior, x toward right.
+
+MONAI is imported by ``preprocess_volume`` only, not with this module: ``import monai`` loads all of MONAI's
+subpackages (networks, apps, transformers...), about 10 s of CPU, which ``normalise``'s users (every Ray Data
+read task of training, evaluation) need not pay.
 """
 
 from __future__ import annotations
@@ -16,8 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
-from monai.transforms import Orientation, ResizeWithPadOrCrop, Spacing
 
 from volvlp_ray.data import storage
 from volvlp_ray.data.storage import load_nifti
@@ -78,6 +80,9 @@ def preprocess_volume(
         if not np.allclose(np.sort(header_zooms), np.sort(want), rtol=0.02, atol=1e-3):
             msg = f"spacing disagreement: NIfTI header {header_zooms.round(4).tolist()} vs CSV {want.tolist()}"
             warnings.append(msg)
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation, ResizeWithPadOrCrop, Spacing
+
     img = MetaTensor(torch.from_numpy(hu)[None], affine=torch.from_numpy(affine))
     img = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(img)
     src_zooms = np.sqrt((img.affine[:3, :3].numpy() ** 2).sum(axis=0))

@@ -124,23 +124,6 @@ def resolve_data(cfg: Config, data: str | None, split: str) -> tuple[Config, str
     return cfg, split, re.sub(r"[^\w.\-]+", "_", name)
 
 
-def _ensure_ray() -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=logging.WARNING)
-        print(f"[ray] joined cluster at {os.environ['RAY_ADDRESS']}", flush=True)
-    else:
-        ray.init(address="local", num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False,
-                 logging_level=logging.WARNING)
-        print("[ray] started a local instance", flush=True)
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-
-
 def _find_run(client, experiment: str, run_name: str | None):
     if not run_name:
         return None
@@ -255,8 +238,6 @@ def run_evaluation(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = VLP.from_pretrained(ref.export_dir, map_location=device)
     tokenizer_dir = str(ref.export_dir / "tokenizer")
-    _ensure_ray()
-
     train_emb = None
     probe_note = None
     if cfg.eval.probe:

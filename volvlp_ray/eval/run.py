@@ -5,13 +5,16 @@
     result["metrics"]  # flat {name: float}, MLflow-ready; result["plots"]: PNG paths; result["report"]: for JSON
 
 Embeddings are whole-volume (``eval.volume_mode``: one pass, or sliding z-chunks pooled) and whole-report.
-Ray Data reads the shards (any filesystem it reads); the model runs in this process.
+The model runs in this process. The shards (any filesystem Ray Data reads) are read by Ray Data tasks, or, for a
+split small enough (``eval.reader``, ``eval.direct_max_volumes``), by this process itself without Ray Data's
+start-up: the same rows, embedded as the same padded batches in sorted-key order (see ``eval.validation``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -22,7 +25,8 @@ import torch
 
 from volvlp_ray.config import Config
 
-__all__ = ["embed_split", "evaluate_embeddings", "evaluate_model", "label_names_of", "prompt_embeddings"]
+__all__ = ["embed_split", "evaluate_embeddings", "evaluate_model", "label_names_of", "prompt_embeddings",
+           "reads_directly"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,45 @@ def split_dataset(cfg: Config, split: str, tokenizer_dir: str, max_volumes: int 
         ds.context.execution_options.preserve_order = True  # this dataset's own context copy
         ds = ds.limit(max_volumes)
     return ds
+
+
+def ensure_ray() -> None:
+    """Ray for a Ray Data read: the one this process is connected to, else the cluster at ``$RAY_ADDRESS``, else a
+    local instance (only a read that needs Ray starts one)."""
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(logging_level=logging.WARNING)
+            print(f"[ray] joined cluster at {os.environ['RAY_ADDRESS']}", flush=True)
+        else:
+            ray.init(address="local", num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False,
+                     logging_level=logging.WARNING)
+            print("[ray] started a local instance", flush=True)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def reads_directly(cfg: Config, n: int) -> bool:
+    """Whether a split of ``n`` volumes is read in this process (``eval.reader``) rather than with Ray Data."""
+    e = cfg.eval
+    return e.reader == "direct" or (e.reader == "auto" and 2 <= n <= e.direct_max_volumes)
+
+
+def _embed_directly(model, cfg: Config, split: str, tokenizer_dir: str, n: int,
+                    progress: str | None) -> dict[str, np.ndarray]:
+    """:func:`embed_split` read in this process (``eval.validation.Validator``'s reader: the shards' headers and
+    reports once, then one batch of voxels at a time), without Ray Data."""
+    from volvlp_ray.eval.validation import Validator
+
+    t0 = time.time()
+    v = Validator(cfg, tokenizer_dir, max_volumes=n, split=split)
+    vol, txt, _, _ = v.embed(model)
+    if progress:
+        print(f"[eval] {progress}: embedded {len(v)}/{n} volumes ({time.time() - t0:.0f}s, read directly)", flush=True)
+    return {"volume": vol.astype(np.float32), "text": txt.astype(np.float32), "labels": v.labels,
+            "keys": np.asarray(v.keys)}
 
 
 def _model_inputs(model) -> tuple[torch.device, torch.dtype, int]:
@@ -83,6 +126,9 @@ def embed_split(
     device, dtype, patch_z = _model_inputs(model)
     total = split_size(cfg, split)
     total = min(total, max_volumes) if max_volumes > 0 else total
+    if reads_directly(cfg, total):
+        return _embed_directly(model, cfg, split, tokenizer_dir, total, progress)
+    ensure_ray()
     ds = split_dataset(cfg, split, tokenizer_dir, max_volumes)
     e = cfg.eval
     vols, texts, labels, keys = [], [], [], []

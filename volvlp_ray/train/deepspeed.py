@@ -27,6 +27,7 @@ from volvlp_ray.config import Config
 
 __all__ = [
     "COMPILE_VARIANTS", "MUON_EXCLUDED_NAMES", "compile_blocks", "deepspeed_config", "param_groups", "routes_to_muon",
+    "skip_cpu_shm_comm_op",
 ]
 
 MUON_EXCLUDED_NAMES = ("embed", "lm_head")
@@ -57,6 +58,24 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return groups
 
 
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def skip_cpu_shm_comm_op() -> None:
+    """Keep DeepSpeed from building its shared-memory CPU comm op in this process (called by
+    :func:`deepspeed_config` for CPU runs, before the engine starts DeepSpeed's comm backend).
+
+    On the CPU accelerator, DeepSpeed's torch comm backend JIT-builds ``deepspeed_shm_comm`` (C++ compiled with
+    ninja under ``~/.cache/torch_extensions``) in every process that starts it, and processes that find a build
+    under way wait on its lock file. Only DeepSpeed's CPU *inference* all-reduce uses the op; training collectives
+    go through ``torch.distributed`` (gloo). Measured on the 2-core machine: 60-100 s per build, rebuilt whenever
+    the cache was built from another environment, paid by each training worker of a job before its first step.
+    Marked incompatible, the op is skipped exactly as on a platform that cannot build it."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+
+
 def deepspeed_config(cfg: Config, use_gpu: bool, load_universal: bool = False) -> dict[str, Any]:
     """The DeepSpeed config of ``cfg.train``: ZeRO stage, bf16 on a bf16-capable GPU (fp32 otherwise),
     gradient clipping, AdamW or Muon, linear warmup then cosine decay to ``lr * min_lr_ratio``.
@@ -68,6 +87,8 @@ def deepspeed_config(cfg: Config, use_gpu: bool, load_universal: bool = False) -
     if t.optimizer not in ("adamw", "muon"):
         raise ValueError(f"train.optimizer must be adamw or muon, got {t.optimizer!r}")
     gpu = use_gpu and torch.cuda.is_available()
+    if not gpu:
+        skip_cpu_shm_comm_op()
     bf16 = gpu and torch.cuda.is_bf16_supported()
     opt_params: dict[str, Any] = {"lr": t.lr, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": t.weight_decay}
     # torch's AdamW everywhere (``torch_adam``): DeepSpeed's FusedAdam is a JIT-built CUDA op whose build fails
