@@ -1,7 +1,8 @@
 """Paths of the real training loop that no other test runs through, each driven through ``jobs/pretrain.py`` (real
 local Ray, Ray Train with 2 CPU workers, DeepSpeed on gloo, MLflow on SQLite) on a copy of the tiny workspace.
 
-Three runs of 3 steps cover them all:
+Three runs of 3 steps cover them all (A and B run the job in the test process on the session's Ray, conftest's
+``pretrain_job``; C runs the script, whose own local Ray has the S3 keys in every process):
 
 - **A**: ``loss.kind=clip``, ``data.text_mode=organ`` (chunks of 8-16 slices), ``train.optimizer=muon`` with ZeRO-1;
 - **B**: ``loss.kind=swca loss.form=softmax``, Muon with ZeRO-3 (and its consolidated export), the text tower a
@@ -48,6 +49,15 @@ def run_job(ws: Path, name: str, *overrides: str, env: dict | None = None) -> st
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=e, cwd=ROOT)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-8000:]
+    assert "[data] shards ready" in out and "[prepare]" not in out, out[-3000:]
+    return out
+
+
+def run_in_process(pretrain_job, ws: Path, name: str, *overrides: str) -> str:
+    """:func:`run_job` in the test process on the session's Ray (conftest's ``pretrain_job``)."""
+    out = pretrain_job(f"workspace={ws}", f"run_name={name}", *COMMON, *overrides,
+                       env={"VOLVLP_STEP_TRACE": str(ws / f"trace-{name}"),
+                            "VOLVLP_STEP_TRACE_BATCHES": str(STEPS)}).ok().output
     assert "[data] shards ready" in out and "[prepare]" not in out, out[-3000:]
     return out
 
@@ -227,8 +237,8 @@ def ws(tmp_path_factory, copy_tiny_workspace) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run_a(ws) -> Path:
-    run_job(ws, "A", "loss.kind=clip", "data.text_mode=organ", f"data.chunk_depth=[{CHUNK[0]},{CHUNK[1]}]",
+def run_a(ws, pretrain_job) -> Path:
+    run_in_process(pretrain_job, ws, "A", "loss.kind=clip", "data.text_mode=organ", f"data.chunk_depth=[{CHUNK[0]},{CHUNK[1]}]",
             "train.optimizer=muon", "train.zero_stage=1")
     (ws / "config-A.yaml").write_text((last_checkpoint(ws, "A") / "config.yaml").read_text())
     return ws
@@ -259,10 +269,10 @@ def save_bert(folder: Path, corpus: list[str]):
 
 
 @pytest.fixture(scope="module")
-def run_b(ws):
+def run_b(ws, pretrain_job):
     reports = [s["report"] for s in read_samples(ws, "train").values()]
     bert, tok = save_bert(ws / "hf-bert", reports)
-    run_job(ws, "B", "loss.kind=swca", "loss.form=softmax", "loss.alpha=0.5", "train.optimizer=muon",
+    run_in_process(pretrain_job, ws, "B", "loss.kind=swca", "loss.form=softmax", "loss.alpha=0.5", "train.optimizer=muon",
             "train.zero_stage=3", f"model.text_model={ws / 'hf-bert'}")
     (ws / "config-B.yaml").write_text((last_checkpoint(ws, "B") / "config.yaml").read_text())
     return ws, bert, tok
@@ -294,7 +304,7 @@ def moto_s3():
 def run_c(ws, moto_s3):
     storage = f"s3://{BUCKET}/runs?{moto_s3['query']}"
     run_job(ws, "C", "loss.kind=sigmoid", "loss.ring=true", f"train.storage_path={storage}",
-            env=moto_s3["env"])  # the job's own local Ray (and so every worker) has the keys
+            env=moto_s3["env"])  # the script, with a local Ray of its own: every Ray process has the keys
     s3 = moto_s3["client"]
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="runs/C/")
             for o in page.get("Contents", [])]

@@ -1,8 +1,7 @@
-"""The real entry point, end to end on a tiny config: what MLflow recorded, the checkpoint, the export."""
+"""The real job, end to end on a tiny config: what MLflow recorded, the checkpoint, the export. Jobs run as
+``jobs/pretrain.py`` runs them (``run_pretraining``), in the test process on the session's Ray (conftest's
+``pretrain_job``); ``test_job_submit.py`` and ``test_fault_tolerance.py`` run the script itself."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,24 +10,12 @@ ROOT = Path(__file__).parents[1]
 pytestmark = pytest.mark.timeout(1800)  # real jobs; one or two in a test (the module fixture's among them)
 
 
-def run_job(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--config", str(ROOT / "configs" / "tiny.yaml"), *args]
-    e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    e.pop("RAY_ADDRESS", None)
-    e.pop("MLFLOW_TRACKING_URI", None)
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e, cwd=ROOT)
-    if p.returncode != 0:
-        print(p.stdout[-6000:], p.stderr[-6000:])
-    return p
-
-
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, copy_tiny_workspace):
+def tiny_run(tmp_path_factory, copy_tiny_workspace, pretrain_job):
     ws = copy_tiny_workspace(tmp_path_factory.mktemp("ws"))  # tiny.yaml's data, shards and tokenizer
-    p = run_job(f"workspace={ws}", "run_name=e2e", env={"VOLVLP_STEP_TRACE": str(ws / "trace")})
-    assert p.returncode == 0
-    out = p.stdout + p.stderr
+    out = pretrain_job(f"workspace={ws}", "run_name=e2e", env={"VOLVLP_STEP_TRACE": str(ws / "trace")}).ok().output
     assert "[data] shards ready" in out and "[prepare]" not in out and "tokenizer built" not in out
+    assert "shm_comm_op built" not in out  # CPU runs skip DeepSpeed's shared-memory comm op (train/deepspeed.py)
     return ws, out
 
 
@@ -176,21 +163,20 @@ def test_the_privacy_scan_finds_report_text_logged_on_purpose(tmp_path, tiny_wor
     assert "bundle.zip!inner" in str(leaked[valid[1]]), leaked[valid[1]]
 
 
-def test_second_run_reuses_data(tiny_run):
+def test_second_run_reuses_data(tiny_run, pretrain_job):
     ws, _ = tiny_run
     # (and trains on volumes normalised in Ray Data rather than on the device: not a shard option, shards reused)
     # organ mode (SigVLP chunks cut at batch time to the step's agreed length): equal tokens, no mask, lengths vary
-    p = run_job(f"workspace={ws}", "run_name=e2e-again", "train.steps=6", "train.checkpoint_every=6",
-                "eval.at_end=false", "data.normalise_in=loader", "data.volume_transport=object_store",
-                "data.text_mode=organ", "data.chunk_depth=[8,40]", env={"VOLVLP_STEP_TRACE": str(ws / "trace-organ")})
-    assert p.returncode == 0
-    out = p.stdout + p.stderr
+    out = pretrain_job(f"workspace={ws}", "run_name=e2e-again", "train.steps=6", "train.checkpoint_every=6",
+                       "eval.at_end=false", "data.normalise_in=loader", "data.volume_transport=object_store",
+                       "data.text_mode=organ", "data.chunk_depth=[8,40]",
+                       env={"VOLVLP_STEP_TRACE": str(ws / "trace-organ")}).ok().output
     assert "synthetic dataset already at" in out and "shards ready" in out and "tokenizer built" not in out
     seen = assert_equal_work(read_traces(ws / "trace-organ"), 6)
     assert len(seen) >= 2, seen
 
 
-def test_swca_with_grad_cache_through_the_job(tmp_path, copy_tiny_workspace):
+def test_swca_with_grad_cache_through_the_job(tmp_path, copy_tiny_workspace, pretrain_job):
     """SWCA (soft targets from label and spatial affinity) with embedding-gradient caching under DeepSpeed:
     the same job without caching is the reference. Grad-cache is exact, so the two runs log the same loss at every
     step (step 1: the full-batch loss from micro-batch embeddings; later steps: after the same updates) and end with
@@ -206,8 +192,7 @@ def test_swca_with_grad_cache_through_the_job(tmp_path, copy_tiny_workspace):
     common = ["loss.kind=swca", "loss.alpha=0.5", "loss.negation_pairs=0", "model.proj_norm=false", "train.steps=3",
               "train.checkpoint_every=3", "train.log_every=1", "eval.at_end=false"]
     for name, extra in (("gc", ["train.grad_cache_micro_batch=2"]), ("full", [])):
-        p = run_job(f"workspace={ws}", f"run_name={name}", *common, *extra)
-        assert p.returncode == 0, name
+        pretrain_job(f"workspace={ws}", f"run_name={name}", *common, *extra).ok()
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
     exp = client.get_experiment_by_name("volvlp_ray")
     curves, states = {}, {}
