@@ -33,14 +33,14 @@ def run_script(script: str, *args: str, cwd: Path, timeout: int = 900) -> subpro
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, copy_tiny_workspace) -> Path:
+def workspace(tmp_path_factory, copy_tiny_workspace, pretrain_job) -> Path:
     ws = copy_tiny_workspace(tmp_path_factory.mktemp("evalws"))  # tiny.yaml's data, shards and tokenizer
     # cwd = ws: should anything fall back to MLflow's default artifact root (./mlruns), it lands in the workspace
-    p = run_script("pretrain.py", "--config", str(ROOT / "configs" / "tiny.yaml"), f"workspace={ws}",
-                   "run_name=evaltiny", cwd=ws)
-    assert p.returncode == 0
-    assert "[data] shards ready" in p.stdout and "[prepare]" not in p.stdout
-    assert "[eval] zero-shot mean AUROC" in p.stdout  # the training-end evaluation (volvlp_ray.eval.run) ran
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ws)
+        out = pretrain_job(f"workspace={ws}", "run_name=evaltiny").ok().output  # in this process, the session's Ray
+    assert "[data] shards ready" in out and "[prepare]" not in out
+    assert "[eval] zero-shot mean AUROC" in out  # the training-end evaluation (volvlp_ray.eval.run) ran
     return ws
 
 
