@@ -7,8 +7,8 @@ replaced.
 - ``test_nan_step_is_skipped_on_every_rank_in_every_zero_stage``: one ``TorchTrainer.fit`` with 2 CPU workers
   (gloo) whose loop builds a DeepSpeed engine per ZeRO stage 0-3, plain and with grad-cache, and trains it with
   the project's own step (``loop._train_step_fn``): rank 0's loss is NaN at step 4, rank 1's at step 5.
-- ``test_job_skips_rolls_back_and_stops``: the real job (``jobs/pretrain.py``, ``configs/tiny.yaml``, 2 workers)
-  twice on one workspace: isolated bad steps skipped and counted in MLflow, then ``max_bad_steps`` consecutive
+- ``test_job_skips_...`` / ``test_job_stops_...``: the real job (``run_pretraining`` as ``jobs/pretrain.py`` runs
+  it, in the test process on the session's Ray; ``configs/tiny.yaml``, 2 workers) twice on one workspace: isolated bad steps skipped and counted in MLflow, then ``max_bad_steps`` consecutive
   ones rolled back to the checkpoint and the run finishing; and a run whose bad steps outlast
   ``train.max_rollbacks``, ending with the clear error and no further retry.
 """
@@ -16,8 +16,6 @@ replaced.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -230,13 +228,17 @@ def test_rollbacks_do_not_use_up_the_worker_failure_budget(ray_session, tmp_path
 # the real job: skip, roll back, stop
 
 
-def _job(ws: Path, run_name: str, inject: str, *extra: str) -> tuple[int, str]:
-    cmd = [sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
-           f"workspace={ws}", f"run_name={run_name}", "train.checkpoint_every=3", "train.log_every=1",
-           "train.max_bad_steps=2", "train.max_rollbacks=1", "eval.at_end=false", *extra]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "VOLVLP_INJECT_NAN": inject}
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=800)
-    return p.returncode, p.stdout + p.stderr
+def _job(pretrain_job, ws: Path, run_name: str, inject: str, *extra: str) -> tuple[int, str]:
+    """The job (``run_pretraining``, in this process on the session's Ray) with NaN injected; (exit code as the
+    script would give it, output with the error's traceback as the script would print it)."""
+    import traceback
+
+    run = pretrain_job(f"workspace={ws}", f"run_name={run_name}", "train.checkpoint_every=3", "train.log_every=1",
+                       "train.max_bad_steps=2", "train.max_rollbacks=1", "eval.at_end=false", *extra,
+                       env={"VOLVLP_INJECT_NAN": inject})
+    if run.error is None:
+        return 0, run.output
+    return 1, run.output + "".join(traceback.format_exception(run.error))
 
 
 def _mlflow_run(ws: Path, run_name: str):
@@ -255,10 +257,10 @@ def workspace(tmp_path_factory, copy_tiny_workspace) -> Path:
 
 
 @pytest.mark.slow
-def test_job_skips_isolated_bad_steps_and_rolls_back_a_run_of_them(workspace):
+def test_job_skips_isolated_bad_steps_and_rolls_back_a_run_of_them(workspace, pretrain_job):
     # rank 1's loss at step 2 (isolated: skipped); every rank's at 5 and 6 (train.max_bad_steps=2 in a row:
     # rollback to the checkpoint of step 3, the replay leaves out the batches of 5 and 6)
-    code, out = _job(workspace, "rb", "1:2,5,6", "train.steps=8")
+    code, out = _job(pretrain_job, workspace, "rb", "1:2,5,6", "train.steps=8")
     assert code == 0, out[-6000:]
     for line in ("[train] warning: step 2: non-finite loss/gradients on some rank; update skipped (1 consecutive)",
                  "[train] warning: step 6: non-finite loss/gradients on some rank; update skipped (2 consecutive)",
@@ -283,10 +285,10 @@ def test_job_skips_isolated_bad_steps_and_rolls_back_a_run_of_them(workspace):
 
 
 @pytest.mark.slow
-def test_job_stops_when_the_rollbacks_are_used_up(workspace):
+def test_job_stops_when_the_rollbacks_are_used_up(workspace, pretrain_job):
     # steps 2, 3 bad on every rank: rollback 1, to step 0 (no checkpoint yet: it would have been step 3's); the
     # replay leaves out 2 and 3; then 5, 6 bad: train.max_rollbacks=1 is used up, the run stops, not retried
-    code, out = _job(workspace, "stop", "2,3,5,6", "train.steps=6")
+    code, out = _job(pretrain_job, workspace, "stop", "2,3,5,6", "train.steps=6")
     assert code != 0, out[-6000:]
     assert "rolling back to step 0 (no checkpoint yet), rollback 1 of train.max_rollbacks=1" in out, out[-6000:]
     message = ("non-finite loss/gradients in 2 consecutive steps (steps 5, 6) after 1 rollback(s) "
