@@ -1,4 +1,4 @@
-"""Sweeps: the search-space parser, the concurrency rule, and a real 4-trial sweep (2 at a time) on the tiny
+"""Sweeps: the search-space parser, the concurrency rule, and a real 2-trial sweep (one at a time) on the tiny
 config that is interrupted after its first finished trial and resumed with the same name."""
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ def test_concurrency_follows_resources():
 
 SWEEP_ARGS = [
     "loss.kind=swca", "train.steps=4", "train.checkpoint_every=2", "train.log_every=1", "eval.every=2",
-    "eval.val_volumes=8", "sweep.name=st", "sweep.max_concurrent=2", "sweep.grace_period=2",
-    "sweep.search_space={loss.alpha: [0.5, 1.0], model.init_logit_scale: [5.0, 10.0]}",
+    "eval.val_volumes=8", "sweep.name=st", "sweep.max_concurrent=1", "sweep.grace_period=2",
+    "sweep.search_space={loss.alpha: [0.5, 1.0], model.init_logit_scale: [5.0]}",
 ]
 
 
@@ -69,7 +69,7 @@ def _children(client, exp_id: str, parent_id: str):
     return client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
-@pytest.mark.timeout(2700)  # two sweeps of real training trials, each up to 900 s
+@pytest.mark.timeout(1800)  # two sweeps of real training trials, each up to 900 s
 def test_sweep_interrupted_resumes_and_records_everything(tmp_path, copy_tiny_workspace):
     from mlflow.tracking import MlflowClient
 
@@ -108,9 +108,9 @@ def test_sweep_interrupted_resumes_and_records_everything(tmp_path, copy_tiny_wo
     (parent,) = client.search_runs([exp.experiment_id], "tags.`volvlp.sweep_parent` = 'true'")
     assert parent.info.status == "FINISHED" and parent.data.tags["volvlp.sweep"] == "st"
     children = _children(client, exp.experiment_id, parent.info.run_id)
-    assert len(children) == 4, [c.info.run_name for c in children]  # resuming created no duplicate trials
+    assert len(children) == 2, [c.info.run_name for c in children]  # resuming created no duplicate trials
     grid = {(c.data.params["loss.alpha"], c.data.params["model.init_logit_scale"]) for c in children}
-    assert grid == {(a, s) for a in ("0.5", "1.0") for s in ("5.0", "10.0")}
+    assert grid == {("0.5", "5.0"), ("1.0", "5.0")}
     for c in children:
         assert c.info.status in ("FINISHED", "KILLED")
         assert client.get_metric_history(c.info.run_id, "train/loss"), "each trial has its loss curve"
