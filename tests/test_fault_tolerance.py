@@ -1,10 +1,12 @@
 """Fault tolerance through the real job: a Ray Train worker killed by pid, the driver killed and run again.
 
 All runs share one workspace (a copy of the session's tiny workspace: configs/tiny.yaml's data, shards and
-tokenizer) and one config: 16 training volumes, batch 2 per worker x 2 workers, 40 steps (about 10 epochs of 4
-steps: a resume lands mid-epoch, and the runs cross many epoch boundaries), a checkpoint every 5 steps, a loss
-point every step. ``ref`` runs uninterrupted; the others are killed once mid-run and must finish at step 40 with
-the same loss curve: identical before the kill (two runs, one seed) and within tolerance after the resume.
+tokenizer) and one config: 16 training volumes, batch 2 per worker x 2 workers, 16 steps (4 epochs of 4 steps:
+the runs cross epoch boundaries before and after the kill), a checkpoint every 3 steps (so a resume lands
+mid-epoch), a loss point every step. ``ref`` runs uninterrupted (the job in this process on the session's Ray,
+conftest's ``pretrain_job``: nothing of it is killed); the others run the script, are killed once mid-run and must
+finish at step 16 with the same loss curve: identical before the kill (two runs, one seed) and within tolerance
+after the resume.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ import pytest
 from clusterutil import kill_tree
 
 ROOT = Path(__file__).parents[1]
-STEPS, EVERY = 40, 5
+STEPS, EVERY = 16, 3
 ARGS = ["train.batch_size=2", f"train.steps={STEPS}",
         f"train.checkpoint_every={EVERY}", "train.log_every=1", "train.warmup_steps=5", "eval.at_end=false"]
-pytestmark = pytest.mark.timeout(1800)  # real 40-step jobs, two in a test (the module fixture's among them)
+pytestmark = pytest.mark.timeout(1800)  # real jobs, two in a test (the module fixture's among them)
 STEP_LINE = re.compile(r"\(RayTrainWorker pid=(\d+)[^)]*\).*\[train\] step (\d+)/")
 
 
@@ -93,10 +95,9 @@ def workspace(tmp_path_factory, copy_tiny_workspace) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(workspace):
-    p = subprocess.run(_cmd(workspace, "ref"), capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=900)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
-    assert "[data] shards ready" in p.stdout and "[prepare]" not in p.stdout, p.stdout[-3000:]
+def reference(workspace, pretrain_job):
+    out = pretrain_job(f"workspace={workspace}", "run_name=ref", *ARGS).ok().output
+    assert "[data] shards ready" in out and "[prepare]" not in out, out[-3000:]
     _, points = _history(workspace, "ref")
     return points
 
