@@ -359,7 +359,7 @@ UNREACHABLE = "[mlflow] warning: MLflow tracking server unreachable ("
 
 
 @pytest.mark.slow
-def test_tracking_outages_during_a_real_training_run(tmp_path, capsys, own_server):
+def test_tracking_outages_during_a_real_training_run(tmp_path, capsys, own_server, copy_tiny_workspace):
     """`jobs/pretrain.py` (tiny config, 2 workers, a metric point every step) tracked by a real `mlflow server`,
     which is SIGKILLed twice while the workers train. The first time it is started again (same port, same store)
     after DOWN steps: training goes on at full speed meanwhile, rank 0 says so once, and the buffered steps arrive
@@ -373,7 +373,7 @@ def test_tracking_outages_during_a_real_training_run(tmp_path, capsys, own_serve
     # outages and the recovery between them
     steps, kill_at, down = 200, 25, 10
     srv = own_server
-    ws = tmp_path / "ws"
+    ws = copy_tiny_workspace(tmp_path / "ws")  # tiny.yaml's data, shards and tokenizer: the job trains at once
     cmd = [sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
            f"workspace={ws}", "run_name=outage", f"train.steps={steps}", "train.log_every=1",
            f"train.checkpoint_every={steps}", "eval.at_end=false"]
