@@ -66,9 +66,18 @@ def _no_outside_services_in_the_session():
         yield
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _no_outside_services_in_the_module():
+    """...and every module's fixtures (built before any function-scoped fixture of their first test runs)..."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key in _outside_env_keys():
+            mp.delenv(key)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _no_outside_services(monkeypatch):
-    """...and so does every test, whatever an earlier test left in ``os.environ``."""
+    """...and every test, whatever an earlier test left in ``os.environ``."""
     for key in _outside_env_keys():
         monkeypatch.delenv(key)
 
@@ -120,8 +129,11 @@ def pretrain_job(ray_session):
         text = io.StringIO()
         result = error = None
         with tempfile.TemporaryFile() as fd_out, pytest.MonkeyPatch.context() as mp:
+            for key in _outside_env_keys():
+                mp.delenv(key)
             for key, value in (env or {}).items():
                 mp.setenv(key, str(value))
+            before = dict(os.environ)
             mp.setattr(sys, "stdout", text)
             mp.setattr(sys, "stderr", text)
             saved = os.dup(1), os.dup(2)
@@ -138,6 +150,10 @@ def pretrain_job(ray_session):
                 os.close(saved[1])
             fd_out.seek(0)
             raw = fd_out.read().decode(errors="replace")
+            # a job leaves this process's environment as it found it: a tracking URI or cluster address left
+            # behind would send the next job in the process (a notebook's, a sweep driver's) to this one's
+            left = {k: os.environ[k] for k in _outside_env_keys() if before.get(k) != os.environ[k]}
+        assert not left, f"the job left {left} in os.environ"
         return JobRun(result, error, text.getvalue() + raw)
 
     return run

@@ -30,6 +30,8 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +39,8 @@ from volvlp_ray.config import Config, config_to_dict, dump_yaml, flatten
 
 __all__ = [
     "MetricLogger", "PostTrainingLog", "PrivacyError", "last_logged_step", "log_text_artifact", "log_volume_artifact",
-    "replay_command", "replay_metrics_file", "resolve_tracking_uri", "set_run_status", "start_run", "system_info",
-    "unsent_metrics_path",
+    "replay_command", "replay_metrics_file", "resolve_tracking_uri", "scoped_tracking_uri", "set_run_status",
+    "start_run", "system_info", "unsent_metrics_path",
 ]
 
 _log = logging.getLogger(__name__)
@@ -93,6 +95,29 @@ def system_info() -> dict[str, str]:
     return {f"sys.{k}": v for k, v in info.items()}
 
 
+@contextmanager
+def scoped_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (``mlflow.start_run``, ``mlflow.pyfunc.log_model``) pointed at ``uri`` for the block only.
+
+    ``mlflow.set_tracking_uri`` also sets ``$MLFLOW_TRACKING_URI`` in this process "so that subprocesses inherit it";
+    left so, the next job started in the same process (a notebook, a test session, a sweep driver) would find it,
+    take it for the user's setting, and log to the previous job's store instead of its own workspace. The previous
+    URI and the variable are restored when the block ends."""
+    import mlflow
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
 def start_run(cfg: Config, run_name: str, tags: dict[str, str] | None = None) -> str:
     """Create the MLflow run for ``run_name`` (or return the id of an existing one) and log the config.
     ``tags`` are added to a new run (e.g. ``mlflow.parentRunId`` makes it a nested child run)."""
@@ -100,7 +125,6 @@ def start_run(cfg: Config, run_name: str, tags: dict[str, str] | None = None) ->
     from mlflow.tracking import MlflowClient
 
     uri = resolve_tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:

@@ -59,14 +59,16 @@ def log_vlp_model(run_id: str, export_dir: str, tracking_uri: str, name: str = "
     import mlflow
     import torch
 
-    mlflow.set_tracking_uri(tracking_uri)
+    from volvlp_ray.tracking import scoped_tracking_uri
+
     reqs = [f"torch>={torch.__version__.split('+')[0]}", "transformers", "safetensors", "nibabel", "monai",
             "numpy", "pandas"]
     active = mlflow.active_run()
     if active is not None and active.info.run_id != run_id:
         raise RuntimeError(f"another MLflow run ({active.info.run_id}) is active in this process")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per copied file otherwise
-    with mlflow.start_run(run_id=run_id, nested=False) as run, warnings.catch_warnings():
+    with scoped_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id, nested=False) as run, \
+            warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
         info = mlflow.pyfunc.log_model(
             name=name, python_model=str(_ENTRY), artifacts={"export": str(export_dir)},
