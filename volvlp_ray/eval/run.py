@@ -7,7 +7,8 @@
 Embeddings are whole-volume (``eval.volume_mode``: one pass, or sliding z-chunks pooled) and whole-report.
 The model runs in this process. The shards (any filesystem Ray Data reads) are read by Ray Data tasks, or, for a
 split small enough (``eval.reader``, ``eval.direct_max_volumes``), by this process itself without Ray Data's
-start-up: the same rows, embedded as the same padded batches in sorted-key order (see ``eval.validation``).
+start-up: the same rows, cut into batches in sorted-key order rather than shard order (see ``eval.validation``),
+so the embeddings equal the Ray Data read's up to float rounding from padding (tested to 1e-5).
 """
 
 from __future__ import annotations
