@@ -8,7 +8,8 @@ replaced.
   (gloo) whose loop builds a DeepSpeed engine per ZeRO stage 0-3, plain and with grad-cache, and trains it with
   the project's own step (``loop._train_step_fn``): rank 0's loss is NaN at step 4, rank 1's at step 5.
 - ``test_job_skips_...`` / ``test_job_stops_...``: the real job (``run_pretraining`` as ``jobs/pretrain.py`` runs
-  it, in the test process on the session's Ray; ``configs/tiny.yaml``, 2 workers) twice on one workspace: isolated bad steps skipped and counted in MLflow, then ``max_bad_steps`` consecutive
+  it, in the test process on the session's Ray; ``configs/tiny.yaml``, 2 workers) twice on one workspace:
+  isolated bad steps skipped and counted in MLflow, then ``max_bad_steps`` consecutive
   ones rolled back to the checkpoint and the run finishing; and a run whose bad steps outlast
   ``train.max_rollbacks``, ending with the clear error and no further retry.
 """

@@ -222,7 +222,8 @@ def test_read_path_modules_do_not_import_monai():
 
     mods = ["volvlp_ray.data.pipeline", "volvlp_ray.data.prepare", "volvlp_ray.train.trainer", "volvlp_ray.eval.run",
             "volvlp_ray.eval.validation", "volvlp_ray.data.transforms"]
-    code = f"import sys\nfor m in {mods!r}: __import__(m)\nprint(sorted(m for m in sys.modules if m.split('.')[0] == 'monai'))"
+    code = (f"import sys\nfor m in {mods!r}: __import__(m)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'monai'))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.strip() == "[]", p.stdout[-2000:]

@@ -40,12 +40,16 @@ COMMON = [f"train.steps={STEPS}", "train.batch_size=2", "train.log_every=1", f"t
 CHUNK = (8, 16)  # organ chunks (slices); the tiny workspace's training volumes have 26-40 slices
 
 
+def trace_env(ws: Path, name: str) -> dict[str, str]:
+    """The step trace of run ``name`` (``VOLVLP_STEP_TRACE``, ``VOLVLP_STEP_TRACE_BATCHES``), in ``ws``."""
+    return {"VOLVLP_STEP_TRACE": str(ws / f"trace-{name}"), "VOLVLP_STEP_TRACE_BATCHES": str(STEPS)}
+
+
 def run_job(ws: Path, name: str, *overrides: str, env: dict | None = None) -> str:
     """``jobs/pretrain.py`` on configs/tiny.yaml in ``ws`` with the step trace on; returns its output."""
     cmd = [sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
            f"workspace={ws}", f"run_name={name}", *COMMON, *overrides]
-    e = {**os.environ, "PYTHONUNBUFFERED": "1", "VOLVLP_STEP_TRACE": str(ws / f"trace-{name}"),
-         "VOLVLP_STEP_TRACE_BATCHES": str(STEPS), **(env or {})}
+    e = {**os.environ, "PYTHONUNBUFFERED": "1", **trace_env(ws, name), **(env or {})}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=e, cwd=ROOT)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-8000:]
@@ -56,8 +60,7 @@ def run_job(ws: Path, name: str, *overrides: str, env: dict | None = None) -> st
 def run_in_process(pretrain_job, ws: Path, name: str, *overrides: str) -> str:
     """:func:`run_job` in the test process on the session's Ray (conftest's ``pretrain_job``)."""
     out = pretrain_job(f"workspace={ws}", f"run_name={name}", *COMMON, *overrides,
-                       env={"VOLVLP_STEP_TRACE": str(ws / f"trace-{name}"),
-                            "VOLVLP_STEP_TRACE_BATCHES": str(STEPS)}).ok().output
+                       env=trace_env(ws, name)).ok().output
     assert "[data] shards ready" in out and "[prepare]" not in out, out[-3000:]
     return out
 
@@ -238,8 +241,8 @@ def ws(tmp_path_factory, copy_tiny_workspace) -> Path:
 
 @pytest.fixture(scope="module")
 def run_a(ws, pretrain_job) -> Path:
-    run_in_process(pretrain_job, ws, "A", "loss.kind=clip", "data.text_mode=organ", f"data.chunk_depth=[{CHUNK[0]},{CHUNK[1]}]",
-            "train.optimizer=muon", "train.zero_stage=1")
+    run_in_process(pretrain_job, ws, "A", "loss.kind=clip", "data.text_mode=organ",
+                   f"data.chunk_depth=[{CHUNK[0]},{CHUNK[1]}]", "train.optimizer=muon", "train.zero_stage=1")
     (ws / "config-A.yaml").write_text((last_checkpoint(ws, "A") / "config.yaml").read_text())
     return ws
 
@@ -272,8 +275,8 @@ def save_bert(folder: Path, corpus: list[str]):
 def run_b(ws, pretrain_job):
     reports = [s["report"] for s in read_samples(ws, "train").values()]
     bert, tok = save_bert(ws / "hf-bert", reports)
-    run_in_process(pretrain_job, ws, "B", "loss.kind=swca", "loss.form=softmax", "loss.alpha=0.5", "train.optimizer=muon",
-            "train.zero_stage=3", f"model.text_model={ws / 'hf-bert'}")
+    run_in_process(pretrain_job, ws, "B", "loss.kind=swca", "loss.form=softmax", "loss.alpha=0.5",
+                   "train.optimizer=muon", "train.zero_stage=3", f"model.text_model={ws / 'hf-bert'}")
     (ws / "config-B.yaml").write_text((last_checkpoint(ws, "B") / "config.yaml").read_text())
     return ws, bert, tok
 
