@@ -78,3 +78,45 @@ def test_cluster_runtime_env_parses():
     env = yaml.safe_load((Path(__file__).parents[1] / "cluster" / "runtime_env.yaml").read_text())
     assert "workspace/" in env["excludes"] and ".venv/" in env["excludes"]
     assert all(isinstance(v, str) for v in env["env_vars"].values())
+
+
+def test_chunks_per_volume_and_same_study_settings():
+    from volvlp_ray.config import same_study_mode
+
+    organ = ["data.text_mode=organ", "train.batch_size=8"]
+    cfg = load_config(None, [*organ, "data.chunks_per_volume=4"])
+    assert cfg.data.chunks_per_volume == 4 and same_study_mode(cfg) == "soft"
+    assert same_study_mode(load_config(None, [])) == "negative"  # the hard loss, one chunk per volume: as before
+    assert same_study_mode(load_config(None, ["loss.kind=swca"])) == "soft"  # SWCA's own spatial rule
+    assert same_study_mode(load_config(None, [*organ, "data.chunks_per_volume=4", "loss.same_study=ignore"])) == \
+        "ignore"
+    with pytest.raises(ConfigError, match="needs data.text_mode=organ and data.sampler=equal"):
+        load_config(None, ["data.chunks_per_volume=2"])
+    with pytest.raises(ConfigError, match="needs data.text_mode=organ and data.sampler=equal"):
+        load_config(None, [*organ, "data.chunks_per_volume=2", "data.sampler=bucket"])
+    with pytest.raises(ConfigError, match="multiple of data.chunks_per_volume=3"):
+        load_config(None, [*organ, "data.chunks_per_volume=3"])
+    with pytest.raises(ConfigError, match="loss.same_study='maybe' is not one of"):
+        load_config(None, ["loss.same_study=maybe"])
+    # `key=none` for a plain string key is the word (it parses as YAML null)
+    assert load_config(None, ["loss.soft_norm=none"]).loss.soft_norm == "none"
+
+
+def test_voided_by_names_the_setting_that_makes_a_key_inert():
+    from volvlp_ray.config import voided_by
+
+    sig = load_config(None, [])
+    assert voided_by(sig, "loss.alpha") == "loss.kind=sigmoid (it applies to loss.kind=swca only)"
+    assert voided_by(sig, "loss.same_study") == "data.chunks_per_volume=1 (no two chunks of one study share a step)"
+    assert voided_by(sig, "data.chunk_depth").startswith("data.text_mode=report")
+    assert "muon" in voided_by(sig, "train.muon_lr") and voided_by(sig, "train.lr") is None
+    assert voided_by(sig, "model.init_logit_scale") is None and voided_by(sig, "model.init_logit_bias") is None
+    swca = load_config(None, ["loss.kind=swca"])
+    assert voided_by(swca, "loss.alpha") is None and voided_by(swca, "loss.spatial_sigma_mm") is None
+    soft = load_config(None, ["loss.kind=swca", "loss.form=softmax"])
+    assert "no bias" in voided_by(soft, "model.init_logit_bias") and "ring" in voided_by(soft, "loss.ring")
+    assert "ring" in voided_by(load_config(None, ["loss.kind=clip"]), "loss.ring")
+    k2 = load_config(None, ["data.text_mode=organ", "data.chunks_per_volume=2"])
+    assert voided_by(k2, "loss.same_study") is None and voided_by(k2, "loss.spatial_sigma_mm") is None
+    assert voided_by(load_config(None, ["loss.negation_pairs=0"]), "loss.pair_weight").startswith(
+        "loss.negation_pairs=0")

@@ -122,6 +122,32 @@ def test_organ_text():
     ext = {"heart": [100, 200], "lung": [150, 300], "pleura": [150, 300]}
     assert chunk_text(parts, ext, (0, 120)) == "The heart is enlarged. Other."
     assert "nodule" in chunk_text(parts, ext, (250, 280)) and "heart" not in chunk_text(parts, ext, (250, 280))
+    # SigVLP's organ text: the covered organs' findings plus the general sentence; the impression only on request
+    assert chunk_text(parts, ext, (0, 120), impression="Cardiomegaly.") == \
+        "The heart is enlarged. Other. Cardiomegaly."
+    # a chunk that covers no organ with findings: its general sentence, else the documented text, never the report
+    assert chunk_text(parts, ext, (400, 450)) == "Other."
+    no_general = {k: v for k, v in parts.items() if k != "general"}
+    assert chunk_text(no_general, ext, (400, 450)) == "No findings are reported for this region."
+    assert chunk_text(no_general, ext, (400, 450), empty_text="Nothing here.", impression="Cardiomegaly.") == \
+        "Nothing here. Cardiomegaly."
+
+
+def test_organ_text_follows_the_config():
+    """``OrganText`` (what the training stream uses): the impression is off by default in organ mode and on with
+    ``data.organ_impression``; ``data.empty_chunk_text`` for a chunk without findings."""
+    from volvlp_ray.config import load_config
+    from volvlp_ray.data.pipeline import OrganText
+
+    meta = {"organ_findings": {"heart": "The heart is enlarged.", "general": ""}, "organs": {"heart": [100, 200]},
+            "impressions": "Cardiomegaly."}
+    default = OrganText(load_config(None, ["data.text_mode=organ"]))
+    assert default(meta, (90, 130)) == "The heart is enlarged."
+    assert default(meta, (300, 330)) == "No findings are reported for this region."
+    opted = OrganText(load_config(None, ["data.text_mode=organ", "data.organ_impression=true",
+                                         "data.empty_chunk_text=Normal region."]))
+    assert opted(meta, (90, 130)) == "The heart is enlarged. Cardiomegaly."
+    assert opted(meta, (300, 330)) == "Normal region. Cardiomegaly."
 
 
 def test_collate_pads_depth_with_air_and_reports_depths():

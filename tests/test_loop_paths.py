@@ -4,8 +4,12 @@ local Ray, Ray Train with 2 CPU workers, DeepSpeed on gloo, MLflow on SQLite) on
 Three runs of 3 steps cover them all (A and B run the job in the test process on the session's Ray, conftest's
 ``pretrain_job``; C runs the script, whose own local Ray has the S3 keys in every process):
 
-- **A**: ``loss.kind=clip``, ``data.text_mode=organ`` (chunks of 8-16 slices), ``train.optimizer=muon`` with ZeRO-1;
-- **B**: ``loss.kind=swca loss.form=softmax``, Muon with ZeRO-3 (and its consolidated export), the text tower a
+- **A**: ``loss.kind=clip``, ``data.text_mode=organ`` (chunks of 8-16 slices, 2 of each volume in its step:
+  ``data.chunks_per_volume=2``, so same-study pairs meet in the loss, left out of it: ``loss.same_study=ignore``;
+  "soft" would not show here: the two chunks of a tiny volume mostly cover the same organs, and with one text for
+  both CLIP's soft targets give the hard loss's value exactly),
+  ``train.optimizer=muon`` with ZeRO-1;
+- **B**: ``loss.kind=swca loss.form=softmax`` with the intra-modal term, Muon with ZeRO-3 (and its consolidated export), the text tower a
   small Hugging Face ``BertModel`` with its own tokenizer loaded from a local folder that the test saves; the run's
   MLflow pyfunc model is then called with a NIfTI column;
 - **C**: ``loss.kind=sigmoid loss.ring=true`` with ``train.storage_path`` on an S3 endpoint (moto's server).
@@ -38,6 +42,7 @@ STEPS = 3
 COMMON = [f"train.steps={STEPS}", "train.batch_size=2", "train.log_every=1", f"train.checkpoint_every={STEPS}",
           "train.warmup_steps=1", "eval.at_end=false", "loss.negation_pairs=0"]
 CHUNK = (8, 16)  # organ chunks (slices); the tiny workspace's training volumes have 26-40 slices
+K = 2  # run A: chunks of each volume in a step (data.chunks_per_volume; train.batch_size=4: two volumes per rank)
 
 
 def trace_env(ws: Path, name: str) -> dict[str, str]:
@@ -141,8 +146,10 @@ def initial_model(cfg, tokenizer):
 def step1_losses(ws: Path, name: str) -> tuple[float, dict[str, float], float]:
     """(the run's loss recomputed at step 1, every other loss kind's value on the same features, the logged
     step-1 loss)."""
+    from dataclasses import replace
+
+    from volvlp_ray.config import same_study_mode
     from volvlp_ray.data.pipeline import normalise_tensor
-    from volvlp_ray.losses import build_loss
     from volvlp_ray.train.loop import build_loss_from_config
 
     cfg, tok = run_config(ws, name)
@@ -160,9 +167,17 @@ def step1_losses(ws: Path, name: str) -> tuple[float, dict[str, float], float]:
         scale, bias = outs[0]["logit_scale"], outs[0]["logit_bias"]
         loss_fn = build_loss_from_config(cfg)
         ref = float(loss_fn(img, txt, scale, bias, **{k: meta[k] for k in loss_fn.meta_keys}))
-        kinds = {"clip": build_loss("clip"), "sigmoid": build_loss("sigmoid"),
-                 "swca-softmax": build_loss("swca", alpha=cfg.loss.alpha, form="softmax"),
-                 "swca-sigmoid": build_loss("swca", alpha=cfg.loss.alpha, form="sigmoid")}
+
+        def kind(kind: str, form: str = "sigmoid", **loss) -> object:  # the run's loss settings, another kind
+            return build_loss_from_config(replace(cfg, loss=replace(cfg.loss, kind=kind, form=form, **loss)))
+
+        kinds = {"clip": kind("clip"), "sigmoid": kind("sigmoid"), "swca-softmax": kind("swca", "softmax"),
+                 "swca-sigmoid": kind("swca", "sigmoid")}
+        if same_study_mode(cfg) != "negative":  # the same kinds with the chunks of one study as plain negatives
+            kinds.update({f"{k}-same-study-negative": kind(k, same_study="negative") for k in ("clip", "sigmoid")})
+        if cfg.loss.intra_weight > 0:
+            kinds[f"{cfg.loss.kind}-{cfg.loss.form}-without-intra"] = kind(cfg.loss.kind, cfg.loss.form,
+                                                                           intra_weight=0.0)
         others = {k: float(f(img, txt, scale, bias, **{m: meta[m] for m in f.meta_keys})) for k, f in kinds.items()}
     logged = dict(logged_losses(ws, name))
     assert sorted(logged) == list(range(1, STEPS + 1)), logged
@@ -241,7 +256,8 @@ def ws(tmp_path_factory, copy_tiny_workspace) -> Path:
 
 @pytest.fixture(scope="module")
 def run_a(ws, pretrain_job) -> Path:
-    run_in_process(pretrain_job, ws, "A", "loss.kind=clip", "data.text_mode=organ",
+    run_in_process(pretrain_job, ws, "A", "loss.kind=clip", "data.text_mode=organ", f"train.batch_size={2 * K}",
+                   f"data.chunks_per_volume={K}", "loss.same_study=ignore",
                    f"data.chunk_depth=[{CHUNK[0]},{CHUNK[1]}]", "train.optimizer=muon", "train.zero_stage=1")
     (ws / "config-A.yaml").write_text((last_checkpoint(ws, "A") / "config.yaml").read_text())
     return ws
@@ -275,7 +291,7 @@ def save_bert(folder: Path, corpus: list[str]):
 def run_b(ws, pretrain_job):
     reports = [s["report"] for s in read_samples(ws, "train").values()]
     bert, tok = save_bert(ws / "hf-bert", reports)
-    run_in_process(pretrain_job, ws, "B", "loss.kind=swca", "loss.form=softmax", "loss.alpha=0.5",
+    run_in_process(pretrain_job, ws, "B", "loss.kind=swca", "loss.form=softmax", "loss.alpha=0.5", "loss.intra_weight=0.5",
                    "train.optimizer=muon", "train.zero_stage=3", f"model.text_model={ws / 'hf-bert'}")
     (ws / "config-B.yaml").write_text((last_checkpoint(ws, "B") / "config.yaml").read_text())
     return ws, bert, tok
@@ -323,14 +339,16 @@ def run_c(ws, moto_s3):
 
 def test_clip_loss_is_what_the_loop_trains(run_a):
     ws = run_a
-    assert {r["loss"] for s in trace(ws, "A") for r in s} == {"ClipLoss()"}
+    assert {r["loss"] for s in trace(ws, "A") for r in s} == {"ClipLoss(same_study='ignore')"}
     assert_step1_loss_is(ws, "A", "clip")
 
 
 def test_organ_mode_trains_chunks_with_their_organ_text(run_a):
     """Every trained row is a chunk of one training volume, z-length within data.chunk_depth (varying between
     steps, the same on both ranks), and its tokens are that chunk's organ-wise text; report mode (whole volumes of
-    26-40 slices, the whole report) would fail both."""
+    26-40 slices, the whole report) would fail both. With ``data.chunks_per_volume=2`` each rank's step holds each of
+    its two volumes as two consecutive chunks: the same study, each chunk its own z-range (found in the volume) and
+    its own text."""
     from volvlp_ray.data.organs import chunk_text
     from volvlp_ray.data.pipeline import study_id, tokenize
 
@@ -339,7 +357,7 @@ def test_organ_mode_trains_chunks_with_their_organ_text(run_a):
     samples = read_samples(ws, "train")
     assert min(s["volume"].shape[0] for s in samples.values()) > CHUNK[1]
     depths = []
-    organ_not_report = 0
+    organ_not_report = differs = 0
     for step, records in enumerate(trace(ws, "A"), 1):
         assert len({tuple(r["shape"]) for r in records}) == 1, records
         n = records[0]["shape"][2]
@@ -348,6 +366,9 @@ def test_organ_mode_trains_chunks_with_their_organ_text(run_a):
         for rank in range(2):
             t = batch(ws, "A", rank, step)
             assert t["volume"].shape[2] == n and "depths" not in t  # unpadded: no mask
+            assert t["volume"].shape[0] == 2 * K
+            differs += sum(not torch.equal(t["volume"][i], t["volume"][i + 1]) for i in range(0, 2 * K, K))
+            volumes = []
             for i in range(t["volume"].shape[0]):
                 found = []
                 for key, s in samples.items():
@@ -358,16 +379,19 @@ def test_organ_mode_trains_chunks_with_their_organ_text(run_a):
                     start = round((zc - z0) / sz - n / 2 + 0.5)
                     if 0 <= start <= s["volume"].shape[0] - n and np.array_equal(s["volume"][start:start + n],
                                                                                  t["volume"][i, 0].numpy()):
-                        text = chunk_text(m["organ_findings"], m["organs"], (zc - n / 2 * sz, zc + n / 2 * sz),
-                                          general=m.get("impressions", "")) or s["report"]
+                        text = chunk_text(m["organ_findings"], m["organs"], (zc - n / 2 * sz, zc + n / 2 * sz))
                         found.append((key, text, s["report"]))
                 assert len(found) == 1, (step, rank, i, [k for k, _, _ in found])
                 key, text, report = found[0]
+                volumes.append(key)
                 ids = t["input_ids"][i].numpy()
                 assert np.array_equal(tokenize(tok, text, cfg.data.max_text_length)[0], ids), (key, text)
                 organ_not_report += not np.array_equal(tokenize(tok, report, cfg.data.max_text_length)[0], ids)
+            # two volumes per rank, each as K consecutive chunks
+            assert volumes[::K] == volumes[1::K] and len(set(volumes)) == 2, volumes
     assert len(set(depths)) >= 2, depths
     assert organ_not_report >= STEPS * 2, organ_not_report  # most chunks' text is not their whole report
+    assert differs >= 2 * STEPS, differs  # a volume's two chunks are two draws, not one chunk twice
 
 
 def test_muon_state_under_zero1(run_a):
@@ -492,7 +516,7 @@ def test_pyfunc_model_embeds_nifti_files_as_training_preprocessed_them(run_b):
 
 def test_ring_sigmoid_loss_is_what_the_loop_trains(run_c):
     ws, _, _ = run_c
-    assert {r["loss"] for s in trace(ws, "C") for r in s} == {"SigmoidLoss(exchange='ring')"}
+    assert {r["loss"] for s in trace(ws, "C") for r in s} == {"SigmoidLoss(exchange='ring', same_study='negative')"}
     assert_step1_loss_is(ws, "C", "sigmoid")
 
 

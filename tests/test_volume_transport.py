@@ -142,7 +142,7 @@ def test_equal_sampler_batches_direct_equal_object_store(tmp_path, tokenizer, te
                 z0, sz = -10.0 * int(row["key"].split("_")[1]), 1.5
                 want = chunk_text({"heart": "The heart is enlarged.", "liver": "Liver normal."},
                                   {"heart": [0.0, 9.0], "liver": [12.0, 30.0]},
-                                  (z0 + (start - 0.5) * sz, z0 + (start + n - 0.5) * sz), general="Cardiomegaly.") or REPORT
+                                  (z0 + (start - 0.5) * sz, z0 + (start + n - 0.5) * sz))
                 ids = batcher.tokenizer(want, max_length=cfg.data.max_text_length, truncation=True,
                                         padding="max_length")["input_ids"]
                 assert a["input_ids"][i].tolist() == ids

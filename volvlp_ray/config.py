@@ -37,6 +37,8 @@ __all__ = [
     "grad_checkpointing_mode",
     "load_config",
     "parse_cli",
+    "same_study_mode",
+    "voided_by",
 ]
 
 
@@ -69,6 +71,20 @@ class DataConfig:
     of the organs it covers plus a general sentence (SigVLP)."""
     chunk_depth: list[int] = field(default_factory=lambda: [16, 48])
     """Bounds (slices) of a random z-chunk in "organ" mode; rounded to multiples of the z patch."""
+    chunks_per_volume: int = 1
+    """Organ mode with ``sampler=equal``: K chunks of each drawn volume go into the same step (the same global
+    batch), each with its own z-range and organ-wise text; ``train.batch_size`` counts chunks and must be a multiple
+    of K (a rank takes batch_size / K volumes per step). Chunks of one study meet in the loss: see
+    ``loss.same_study``."""
+    chunk_overlap: bool = True
+    """K > 1: true = the K chunks of a volume are drawn independently (they may overlap); false = disjoint chunks
+    (a step then takes only volumes at least K chunk lengths deep)."""
+    organ_impression: bool = False
+    """Organ mode: append the report's Impressions to every chunk's text. Off by default: the impression
+    summarises the whole study, so it would tell every chunk about organs it does not show."""
+    empty_chunk_text: str = "No findings are reported for this region."
+    """Organ mode: the text of a chunk that covers no organ with findings and whose report has no general
+    (organ-less) sentence either. Never the whole report."""
     max_text_length: int = 192
     """Tokens per text (longer texts are truncated; the loop logs the truncated fraction)."""
     shuffle_buffer: int = 64
@@ -193,6 +209,21 @@ class LossConfig:
     knowledge_weight: float = 1.0
     intra_weight: float = 0.0
     spatial_sigma_mm: float = 50.0
+    """Bandwidth (mm) of the spatial kernel on the distance of two chunks' z-centres (SWCA's spatial term and
+    ``same_study=soft``)."""
+    soft_norm: str = "row"
+    """SWCA: how the affinities W become targets. "row": each row's off-diagonal W is scaled to sum to 1, so the
+    related samples share a fixed (1 - alpha) of the row's target mass whatever the global batch (softmax form: the
+    true pair gets exactly alpha; sigmoid form: the true pair's target stays 1); a row with no related sample keeps
+    the identity. "none": A = alpha * I + (1 - alpha) * W as it is (SCALE-VLP's formula; every off-diagonal pair adds
+    mass, so the true pair's share falls as the batch grows)."""
+    same_study: str = "auto"
+    """Pairs of different samples (chunks) of one study, in every loss kind and form: "negative" (as any other
+    pair), "ignore" (left out of the loss: no term in the sigmoid sum, not in the softmax denominator), "soft"
+    (target = the spatial kernel on the two z-centres, ``spatial_sigma_mm``: chunks close in z count as near
+    positives; SWCA: their W, whose spatial term is that kernel), or "auto": "soft" for ``loss.kind=swca`` and
+    for ``data.chunks_per_volume`` > 1, "negative" for the hard losses with one chunk per volume (such pairs then
+    hardly ever meet, and the losses are what they were before this setting existed)."""
     ring: bool = False
     """Sigmoid losses: bidirectional neighbour exchange instead of all-gather."""
     negation_pairs: int = 1
@@ -403,6 +434,8 @@ _CHOICES = {
     ("model", "text_pool"): ("cls", "mean"),
     ("loss", "kind"): ("sigmoid", "clip", "swca"),
     ("loss", "form"): ("sigmoid", "softmax"),
+    ("loss", "soft_norm"): ("row", "none"),
+    ("loss", "same_study"): ("auto", "negative", "ignore", "soft"),
     ("sweep", "mode"): ("max", "min"),
     ("sweep", "scheduler"): ("asha", "fifo"),
     ("train", "optimizer"): ("adamw", "muon"),
@@ -415,6 +448,48 @@ _CHOICES = {
     ("data", "sampler"): ("equal", "bucket"),
     ("scaling", "cluster"): ("auto", "fixed", "autoscaling"),
 }
+
+
+def same_study_mode(cfg: Config) -> str:
+    """``loss.same_study`` with "auto" resolved: "soft" for SWCA (its spatial term is that rule) and for several
+    chunks per volume, else "negative" (the hard losses with one chunk per volume: the losses as they always were)."""
+    if cfg.loss.same_study != "auto":
+        return cfg.loss.same_study
+    return "negative" if cfg.data.chunks_per_volume == 1 and cfg.loss.kind != "swca" else "soft"
+
+
+_SWCA_ONLY = ("loss.alpha", "loss.form", "loss.spatial_weight", "loss.knowledge_weight", "loss.intra_weight",
+              "loss.soft_norm")
+_ORGAN_ONLY = ("data.chunk_depth", "data.chunks_per_volume", "data.chunk_overlap", "data.organ_impression",
+               "data.empty_chunk_text")
+
+
+def voided_by(cfg: Config, key: str) -> str | None:
+    """Why the dotted ``key`` has no effect under ``cfg`` (the setting that voids it), or None when it may have one.
+    Sweeps and ablations use it: a swept key that changes nothing makes trials that differ only in their name."""
+    loss, data = cfg.loss, cfg.data
+    if key in _SWCA_ONLY and loss.kind != "swca":
+        return f"loss.kind={loss.kind} (it applies to loss.kind=swca only)"
+    if key == "loss.spatial_sigma_mm" and loss.kind != "swca" and same_study_mode(cfg) != "soft":
+        return (f"loss.kind={loss.kind} with loss.same_study={loss.same_study} (it applies to loss.kind=swca and to "
+                "loss.same_study=soft)")
+    if key == "loss.ring" and (loss.kind == "clip" or (loss.kind == "swca" and loss.form == "softmax")):
+        return f"loss.kind={loss.kind}" + (f", loss.form={loss.form}" if loss.kind == "swca" else "") + \
+            " (the ring exchange is for sigmoid losses)"
+    if key == "model.init_logit_bias" and (loss.kind == "clip" or (loss.kind == "swca" and loss.form == "softmax")):
+        return f"loss.kind={loss.kind}" + (f", loss.form={loss.form}" if loss.kind == "swca" else "") + \
+            " (a softmax loss has no bias)"
+    if key == "loss.same_study" and data.chunks_per_volume == 1:
+        return "data.chunks_per_volume=1 (no two chunks of one study share a step)"
+    if key in _ORGAN_ONLY and data.text_mode != "organ":
+        return f"data.text_mode={data.text_mode} (it applies to data.text_mode=organ only)"
+    if key == "data.chunk_overlap" and data.chunks_per_volume == 1:
+        return "data.chunks_per_volume=1 (it applies to several chunks per volume only)"
+    if key == "train.muon_lr" and cfg.train.optimizer != "muon":
+        return f"train.optimizer={cfg.train.optimizer} (it applies to train.optimizer=muon only)"
+    if key == "loss.pair_weight" and loss.negation_pairs == 0:
+        return "loss.negation_pairs=0 (the negation-pair loss is off)"
+    return None
 
 
 def validate(cfg: Config) -> None:
@@ -434,6 +509,19 @@ def validate(cfg: Config) -> None:
     lo, hi = cfg.data.chunk_depth
     if not 0 < lo <= hi:
         raise ConfigError(f"data.chunk_depth must be [min, max] with 0 < min <= max, got {cfg.data.chunk_depth}")
+    k = cfg.data.chunks_per_volume
+    if k < 1:
+        raise ConfigError(f"data.chunks_per_volume must be >= 1, got {k}")
+    if k > 1:
+        if cfg.data.text_mode != "organ" or cfg.data.sampler != "equal":
+            raise ConfigError(f"data.chunks_per_volume={k} draws several z-chunks of a volume into one step: it needs "
+                              f"data.text_mode=organ and data.sampler=equal (got {cfg.data.text_mode} and "
+                              f"{cfg.data.sampler})")
+        if cfg.train.batch_size % k:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} counts chunks: it must be a multiple of "
+                              f"data.chunks_per_volume={k}")
+    if cfg.loss.spatial_sigma_mm <= 0:
+        raise ConfigError(f"loss.spatial_sigma_mm must be > 0, got {cfg.loss.spatial_sigma_mm}")
     if not 0.0 <= cfg.loss.alpha <= 1.0:
         raise ConfigError(f"loss.alpha must be in [0, 1], got {cfg.loss.alpha}")
     for name in ("steps", "batch_size", "checkpoint_every", "log_every", "num_to_keep"):
@@ -506,6 +594,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be a number, got {value!r}")
         return float(value)
     if tp is str:
+        if value is None:  # `key=none` on the command line parses as None; a plain string key means the word
+            return "none"
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}")
         return value

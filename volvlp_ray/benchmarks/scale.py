@@ -105,7 +105,9 @@ def _simulate_equal(cfg, depths, world, mode, epochs, seed, stats: _Stats) -> di
     b, pz = cfg.train.batch_size, cfg.model.patch[0]
     samplers = [EqualTokenSampler(b, pz, mode, (cfg.data.chunk_depth[0] // pz, cfg.data.chunk_depth[1] // pz),
                                   pool_rows=cfg.data.pool_batches * b, max_pool=cfg.data.max_pool_batches * b,
-                                  seed=seed, rank=r) for r in range(world)]
+                                  seed=seed, rank=r,
+                                  chunks_per_row=cfg.data.chunks_per_volume if mode == "organ" else 1,
+                                  overlap=cfg.data.chunk_overlap) for r in range(world)]
     kinds: dict[str, int] = {}
     cropped = remainder = slices = 0
     pool_rows: list[int] = []

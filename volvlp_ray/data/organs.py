@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["ORGAN_KEYWORDS", "chunk_text", "split_findings_by_organ"]
+__all__ = ["DEFAULT_EMPTY_CHUNK_TEXT", "ORGAN_KEYWORDS", "chunk_text", "split_findings_by_organ"]
 
 ORGAN_KEYWORDS: dict[str, tuple[str, ...]] = {
     "airways": ("trachea", "bronch", "airway", "peribronchial"),
@@ -36,15 +36,24 @@ def split_findings_by_organ(findings: str) -> dict[str, str]:
     return {k: " ".join(v) for k, v in out.items()}
 
 
+DEFAULT_EMPTY_CHUNK_TEXT = "No findings are reported for this region."
+"""``data.empty_chunk_text``'s default: the text of a chunk with no organ findings and no general sentence."""
+
+
 def chunk_text(
     organ_findings: dict[str, str],
     organ_extents: dict[str, list[float]],
     z_range_mm: tuple[float, float],
-    general: str = "",
+    impression: str = "",
+    empty_text: str = DEFAULT_EMPTY_CHUNK_TEXT,
 ) -> str:
-    """Findings of the organs whose z-extent overlaps ``z_range_mm``, then the general sentence(s).
+    """A z-chunk's text (SigVLP's organ-wise text): the findings of the organs whose z-extent overlaps
+    ``z_range_mm`` (in the order of ``organ_findings``), then the general sentence(s) (findings tied to no organ,
+    key "general"), then ``impression`` when one is given (``data.organ_impression``).
 
-    Organs without a known extent are treated as covering the whole volume.
+    Organs without a known extent are treated as covering the whole volume. A chunk that covers no organ with
+    findings gets its general sentence(s) alone; when there are none either, ``empty_text`` -- never the whole
+    report, which would describe organs the chunk does not show.
     """
     z0, z1 = z_range_mm
     parts = []
@@ -54,5 +63,11 @@ def chunk_text(
         ext = organ_extents.get(organ)
         if ext is None or (ext[0] <= z1 and ext[1] >= z0):
             parts.append(text)
-    tail = " ".join(t for t in (organ_findings.get("general", ""), general) if t)
-    return " ".join(parts + ([tail] if tail else [])).strip()
+    general = organ_findings.get("general", "").strip()
+    if general:
+        parts.append(general)
+    if not parts:
+        parts.append(empty_text)
+    if impression.strip():
+        parts.append(impression.strip())
+    return " ".join(p.strip() for p in parts if p.strip())

@@ -38,7 +38,7 @@ from volvlp_ray.data.shards import DecodeError, VolumeRef, decode_sample, intact
 from volvlp_ray.data.transforms import normalise
 
 __all__ = [
-    "StepBatcher", "TrainDatasetFactory", "draw_chunk", "tokenize", "build_dataset", "collate", "latest_progress", "normalise_tensor", "read_corpus",
+    "OrganText", "StepBatcher", "TrainDatasetFactory", "draw_chunk", "tokenize", "build_dataset", "collate", "latest_progress", "normalise_tensor", "read_corpus",
     "read_samples", "shard_files", "study_id",
 ]
 
@@ -98,6 +98,7 @@ class _ToRow:
         # data.sampler=equal: rows keep the whole volume; the step's agreed length cuts it (and, in organ mode,
         # the chunk's text is made) at batch time (``StepBatcher``)
         self.whole = training and cfg.data.sampler == "equal"
+        self.organ_text = OrganText(cfg)
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         try:
@@ -120,10 +121,7 @@ class _ToRow:
             n, start = draw_chunk(depth, pz, self.chunk, rng)
             vol = vol[start : start + n]
             z_range = (z0_mm + (start - 0.5) * sz, z0_mm + (start + n - 0.5) * sz)
-            text = chunk_text(meta.get("organ_findings", {}), meta.get("organs", {}), z_range,
-                              general=meta.get("impressions", ""))
-            if not text:
-                text = s["report"]
+            text = self.organ_text(meta, z_range)
         else:
             n, start = depth, 0
             text = s["report"]
@@ -152,7 +150,7 @@ class _ToRow:
 
     def _whole_row(self, s: dict[str, Any], vol, meta: dict[str, Any], depth: int, sz: float, z0_mm: float):
         """The whole volume and what its step needs to cut it: z origin and spacing; report mode: the report's
-        tokens (the text does not depend on the cut); organ mode: the report and organ metadata (the chunk's
+        tokens (the text does not depend on the cut); organ mode: the organ metadata (the chunk's
         text is made once its z-range is known)."""
         row = {
             "key": s["key"],
@@ -164,7 +162,6 @@ class _ToRow:
             "z_spacing_mm": np.float32(sz),
         }
         if self.text_mode == "organ":
-            row["report"] = s["report"]
             row["organ_json"] = json.dumps({k: meta.get(k, d) for k, d in
                                             (("organ_findings", {}), ("organs", {}), ("impressions", ""))})
             return row
@@ -173,6 +170,19 @@ class _ToRow:
         if self.findings:
             row["findings"] = polarity_vector(s["report"])
         return row
+
+
+class OrganText:
+    """A chunk's organ-wise text from its sample's metadata and z-range (``organs.chunk_text``), with the config's
+    choices: ``data.organ_impression`` (append the Impressions) and ``data.empty_chunk_text``."""
+
+    def __init__(self, cfg: Config):
+        self.impression, self.empty = cfg.data.organ_impression, cfg.data.empty_chunk_text
+
+    def __call__(self, meta: dict[str, Any], z_range_mm: tuple[float, float]) -> str:
+        return chunk_text(meta.get("organ_findings") or {}, meta.get("organs") or {}, z_range_mm,
+                          impression=str(meta.get("impressions") or "") if self.impression else "",
+                          empty_text=self.empty)
 
 
 def draw_chunk(depth: int, patch_z: int, bounds: tuple[int, int], rng: np.random.Generator) -> tuple[int, int]:
@@ -201,11 +211,13 @@ def tokenize(tokenizer, text: str, max_len: int) -> tuple[np.ndarray, np.ndarray
 class StepBatcher:
     """A sampler ``Plan`` (``data/sampler.py``) -> the numpy batch ``collate`` takes: each row's volume cut to the
     step's slices (a ``VolumeRef`` is moved, no voxels read; an array is sliced), its depth and z-centre; in organ
-    mode the chunk's organ-wise text (findings of the organs its z-range covers plus the general sentences, or the
-    whole report when none), tokenised, and its findings vector."""
+    mode the chunk's organ-wise text (``OrganText``: findings of the organs its z-range covers plus the general
+    sentences), tokenised, and its findings vector. A row that appears K times in the plan
+    (``data.chunks_per_volume``) gives K chunks, one per start."""
 
     def __init__(self, cfg: Config, tokenizer):
         self.mode, self.tokenizer, self.max_len = cfg.data.text_mode, tokenizer, cfg.data.max_text_length
+        self.organ_text = OrganText(cfg)
         self.patch_z = cfg.model.patch[0]
         self.findings = cfg.loss.negation_pairs > 0
 
@@ -226,9 +238,7 @@ class StepBatcher:
             r["z_center_mm"] = np.float32(z0 + (start + n / 2 - 0.5) * sz)
             if self.mode == "organ":
                 meta = json.loads(str(r.pop("organ_json")))
-                report = str(r.pop("report"))
-                z_range = (z0 + (start - 0.5) * sz, z0 + (start + n - 0.5) * sz)
-                text = chunk_text(meta["organ_findings"], meta["organs"], z_range, general=meta["impressions"]) or report
+                text = self.organ_text(meta, (z0 + (start - 0.5) * sz, z0 + (start + n - 0.5) * sz))
                 r["input_ids"], r["attention_mask"], r["text_truncated"] = tokenize(self.tokenizer, text, self.max_len)
                 if self.findings:
                     r["findings"] = polarity_vector(text)

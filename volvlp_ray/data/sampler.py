@@ -167,16 +167,23 @@ class EqualTokenSampler:
         pool_rows: rows the pool is filled to before each step.
         max_pool: rows per rank the pools may grow to (in all) while no report-mode group can fill a step.
         seed, rank: the shared draws use ``(seed, epoch, step)``, the chunk starts also ``rank``.
+        chunks_per_row: organ mode: K chunks of each row taken (``batch_size`` counts chunks: ``batch_size / K``
+            rows per step), in the plan as K consecutive entries of the row with their own starts.
+        overlap: K > 1: the chunks of a row are drawn independently (True) or disjoint (False: a row must be at
+            least K chunk lengths deep to be taken).
     """
 
     def __init__(self, batch_size: int, patch_z: int, mode: str, chunk_patches: tuple[int, int] = (1, 1), *,
-                 pool_rows: int, max_pool: int, seed: int, rank: int):
+                 pool_rows: int, max_pool: int, seed: int, rank: int, chunks_per_row: int = 1, overlap: bool = True):
         if mode not in ("report", "organ"):
             raise ValueError(f"mode must be 'report' or 'organ', got {mode!r}")
         if batch_size < 1 or patch_z < 1:
             raise ValueError(f"batch_size and patch_z must be >= 1, got {batch_size}, {patch_z}")
+        if chunks_per_row < 1 or batch_size % chunks_per_row or (chunks_per_row > 1 and mode != "organ"):
+            raise ValueError(f"chunks_per_row={chunks_per_row} needs organ mode and must divide batch_size={batch_size}")
         lo, hi = (max(1, int(c)) for c in chunk_patches)
         self.batch_size, self.patch_z, self.mode = batch_size, patch_z, mode
+        self.chunks_per_row, self.overlap = chunks_per_row, overlap or chunks_per_row == 1
         self.chunk_patches = (lo, max(lo, hi))
         self.pool_rows = max(pool_rows, batch_size)
         self.max_pool = max(max_pool, self.pool_rows)
@@ -215,12 +222,15 @@ class EqualTokenSampler:
         shared = np.random.default_rng([self.seed, epoch, step, attempt, 3])
         groups = np.asarray(self._groups, dtype=np.int64)
         if self.mode == "organ":  # every rank cuts its own rows: only the length is agreed
-            deepest = int(np.nonzero(at_least.min(axis=0) >= b)[0].max(initial=0))
+            k = self.chunks_per_row
+            span = 1 if self.overlap else k  # a row holds its chunks if it is span x z patches deep
+            enough = np.nonzero(at_least.min(axis=0) >= b // k)[0]  # depths every rank holds b / k rows of
+            deepest = int(enough.max(initial=0)) // span
             if deepest < 1:
                 return None
             lo, hi = self.chunk_patches
             z = min(int(shared.integers(lo, hi + 1)), deepest)
-            idx = np.nonzero(groups >= z)[0][:b]
+            idx = np.nonzero(groups >= z * span)[0][:b // k]
             return self._cut(idx, [], z, "chunk", epoch, step, attempt)
         # report mode: one group for the whole step, from the rows of all ranks
         total = exact.sum(axis=0)
@@ -258,22 +268,34 @@ class EqualTokenSampler:
         """Remove ``idx`` from the pool; the step's rows are the first ``keep_rows`` of them plus ``extra`` (rows
         handed over by other ranks)."""
         rows = [self.pool[i] for i in idx[:keep_rows]] + list(extra)
+        taken = len(rows) - len(extra)  # rows of this rank's pool in its own step
         n = z * self.patch_z
         own_rng = np.random.default_rng([self.seed, epoch, step, self.rank, 7])
         starts, cropped = [], 0
-        for r in rows:
-            depth = int(r["depth"])
-            if kind == "chunk":
-                starts.append(int(own_rng.integers(0, depth - n + 1)))
-            else:  # centre the crop: the remainder (and a fallback's excess) split between both ends
-                starts.append((depth - n) // 2)
-                cropped += depth - depth % self.patch_z - n
+        if kind == "chunk" and self.chunks_per_row > 1:  # K consecutive entries per row, each its own chunk
+            k, picked = self.chunks_per_row, rows
+            rows = [r for r in picked for _ in range(k)]
+            for r in picked:
+                depth = int(r["depth"])
+                if self.overlap:
+                    starts.extend(int(s) for s in own_rng.integers(0, depth - n + 1, size=k))
+                else:  # k disjoint chunks: k sorted offsets into the free slices, chunk i shifted by i chunks
+                    free = np.sort(own_rng.integers(0, depth - k * n + 1, size=k))
+                    starts.extend(int(f) + i * n for i, f in enumerate(free))
+        else:
+            for r in rows:
+                depth = int(r["depth"])
+                if kind == "chunk":
+                    starts.append(int(own_rng.integers(0, depth - n + 1)))
+                else:  # centre the crop: the remainder (and a fallback's excess) split between both ends
+                    starts.append((depth - n) // 2)
+                    cropped += depth - depth % self.patch_z - n
         drop = np.zeros(len(self.pool), bool)
         drop[np.asarray(idx, dtype=np.int64)] = True
         self.pool = [r for r, d in zip(self.pool, drop) if not d]
         self._groups = [g for g, d in zip(self._groups, drop) if not d]
         return Plan(rows, z, starts, kind, cropped=cropped, attempts=attempt + 1,
-                    meta={"handed_over": int(drop.sum()) - (len(rows) - len(extra)), "received": len(extra)})
+                    meta={"handed_over": int(drop.sum()) - taken, "received": len(extra)})
 
 
 def _shares(counts: np.ndarray, batch_size: int, step: int) -> np.ndarray:

@@ -41,6 +41,11 @@ __all__ = [
     "knowledge_affinity",
     "feature_affinity",
     "soft_targets",
+    "affinity_sum",
+    "same_study_pairs",
+    "same_study_meta",
+    "SAME_STUDY",
+    "SOFT_NORMS",
     "concepts_from_reports",
 ]
 
@@ -117,6 +122,59 @@ def feature_affinity(image_i: Tensor, text_i: Tensor, image_j: Tensor, text_j: T
     return 0.5 * (sim_img.clamp(0, 1) + sim_txt.clamp(0, 1))
 
 
+SAME_STUDY: tuple[str, ...] = ("negative", "ignore", "soft")
+"""How a loss treats pairs of different samples of one study (``loss.same_study``)."""
+SOFT_NORMS: tuple[str, ...] = ("row", "none")
+"""How SWCA turns the affinities into targets (``loss.soft_norm``)."""
+
+
+def same_study_pairs(rows: Mapping[str, Tensor], cols: Mapping[str, Tensor]) -> Tensor:
+    """``(n, m)`` bool: the pairs of *different* samples (global ``index``) of the same study (``study_id``)."""
+    return (rows["study_id"][:, None] == cols["study_id"][None, :]) & (rows["index"][:, None] != cols["index"][None, :])
+
+
+def same_study_meta(same_study: str) -> tuple[str, ...]:
+    """Meta keys a loss needs to treat same-study pairs as ``same_study`` says."""
+    if same_study not in SAME_STUDY:
+        raise ValueError(f"same_study must be one of {list(SAME_STUDY)}, got {same_study!r}")
+    return {"negative": (), "ignore": ("study_id",), "soft": ("study_id", "z_center_mm")}[same_study]
+
+
+def affinity_sum(
+    rows: Mapping[str, Tensor],
+    cols: Mapping[str, Tensor],
+    *,
+    spatial_weight: float = 0.0,
+    knowledge_weight: float = 0.0,
+    intra_weight: float = 0.0,
+    spatial_sigma_mm: float = 50.0,
+    same_study: str = "soft",
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """``W`` off the diagonal: ``(w_s S + w_k K + w_f F) / (w_s + w_k + w_f)`` for pairs of different samples, 0 for a
+    sample with itself, and 0 for pairs of one study unless ``same_study == "soft"`` (then their W counts). ``(n, m)``,
+    no gradient. ``soft_targets`` mixes it with the identity; with ``norm="row"`` its row sums over the global
+    columns (``row_sum`` in ``rows``) normalise it."""
+    total = spatial_weight + knowledge_weight + intra_weight
+    with torch.no_grad():
+        same = rows["index"][:, None] == cols["index"][None, :]
+        w = torch.zeros(same.shape, dtype=dtype, device=same.device)
+        if total <= 0.0:
+            return w
+        if spatial_weight > 0:
+            w += spatial_weight * spatial_affinity(
+                rows["study_id"], rows["z_center_mm"], cols["study_id"], cols["z_center_mm"], spatial_sigma_mm
+            )
+        if knowledge_weight > 0:
+            w += knowledge_weight * knowledge_affinity(rows["labels"], cols["labels"])
+        if intra_weight > 0:
+            w += intra_weight * feature_affinity(rows["image"], rows["text"], cols["image"], cols["text"])
+        w = torch.where(same, torch.zeros_like(w), w / total)
+        if same_study != "soft":
+            w = torch.where(same_study_pairs(rows, cols), torch.zeros_like(w), w)
+        return w
+
+
 def soft_targets(
     rows: Mapping[str, Tensor],
     cols: Mapping[str, Tensor],
@@ -126,21 +184,34 @@ def soft_targets(
     knowledge_weight: float = 0.0,
     intra_weight: float = 0.0,
     spatial_sigma_mm: float = 50.0,
+    norm: str = "none",
+    form: str = "sigmoid",
+    same_study: str = "soft",
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """SWCA target matrix ``A = alpha * I + (1 - alpha) * W`` for a block of pairs.
+    """SWCA target matrix for a block of pairs, ``(n, m)`` in ``[0, 1]``, no gradient.
+
+    ``norm="none"``: ``A = alpha * I + (1 - alpha) * W`` with ``W_ii = 1`` (SCALE-VLP's formula; the softmax form
+    divides each row by its sum, so the true pair's share falls as the batch grows). ``norm="row"``: the off-diagonal
+    ``W`` of each row is divided by its sum over the global columns, ``rows["row_sum"]`` (``(n,)``, from
+    ``affinity_sum``), so the related samples of a row share ``1 - alpha`` of target mass at any batch size; the true
+    pair gets 1 (``form="sigmoid"``: a pair's BCE target) or ``alpha`` (``form="softmax"``: the row is a
+    distribution); a row with no related sample (sum 0) keeps the identity.
 
     Args:
         rows, cols: per-sample tensors of the row block (n) and column block (m). Always ``"index"``
             (global sample index, LongTensor); ``study_id`` and ``z_center_mm`` when the spatial term is
-            on, ``labels`` when the knowledge term is on, ``image`` and ``text`` (features) when the intra
-            term is on.
+            on (``study_id`` also unless ``same_study="soft"``), ``labels`` when the knowledge term is on,
+            ``image`` and ``text`` (features) when the intra term is on.
         alpha: weight of the identity, in ``[0, 1]``.
         spatial_weight, knowledge_weight, intra_weight: non-negative term weights; the combination is
             divided by their sum so that ``W`` stays in ``[0, 1]``. All zero means ``W = I``.
         spatial_sigma_mm: bandwidth of the spatial kernel.
+        norm: "none" or "row" (see above).
+        form: "sigmoid" or "softmax" (only "row" tells them apart).
+        same_study: "soft" (pairs of one study keep their W), "negative" or "ignore" (their W is 0; the loss
+            leaves ignored pairs out).
         dtype: floating dtype of the result (the loss passes its logits' dtype).
-    Returns: ``(n, m)`` tensor in ``[0, 1]``, no gradient.
     """
     same = rows["index"][:, None] == cols["index"][None, :]
     eye = same.to(dtype)
@@ -148,16 +219,19 @@ def soft_targets(
     if alpha >= 1.0 or total <= 0.0:
         return eye
     with torch.no_grad():
-        w = torch.zeros_like(eye)
-        if spatial_weight > 0:
-            w += spatial_weight * spatial_affinity(
-                rows["study_id"], rows["z_center_mm"], cols["study_id"], cols["z_center_mm"], spatial_sigma_mm
-            )
-        if knowledge_weight > 0:
-            w += knowledge_weight * knowledge_affinity(rows["labels"], cols["labels"])
-        if intra_weight > 0:
-            w += intra_weight * feature_affinity(rows["image"], rows["text"], cols["image"], cols["text"])
-        w = torch.where(same, torch.ones_like(w), w / total)
+        w = affinity_sum(rows, cols, spatial_weight=spatial_weight, knowledge_weight=knowledge_weight,
+                         intra_weight=intra_weight, spatial_sigma_mm=spatial_sigma_mm, same_study=same_study,
+                         dtype=dtype)
+        if norm == "row":
+            row_sum = rows["row_sum"].to(dtype)[:, None]
+            related = row_sum > 0
+            w = torch.where(related, w / row_sum.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(w))
+            diag = torch.where(related, torch.full_like(row_sum, alpha), torch.ones_like(row_sum)) \
+                if form == "softmax" else 1.0
+            return (diag * eye + (1.0 - alpha) * w).to(dtype)
+        if norm != "none":
+            raise ValueError(f"norm must be one of {list(SOFT_NORMS)}, got {norm!r}")
+        w = torch.where(same, torch.ones_like(w), w)
         return (alpha * eye + (1.0 - alpha) * w).to(dtype)
 
 

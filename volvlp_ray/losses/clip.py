@@ -16,11 +16,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .affinity import check_meta
-from .gather import EqualBatchCheck, all_gather_with_grad, global_index
+from .affinity import check_meta, same_study_meta, same_study_pairs, spatial_affinity
+from .gather import EqualBatchCheck, all_gather_with_grad, gather_meta, global_index
 from .sigmoid import at_least_float32, check_features
 
-__all__ = ["ClipLoss", "gather_pair_features"]
+__all__ = ["ClipLoss", "gather_pair_features", "soft_cross_entropy"]
 
 
 def gather_pair_features(
@@ -35,25 +35,43 @@ def gather_pair_features(
     return both[:, :dim], both[:, dim:]
 
 
+def soft_cross_entropy(logits: Tensor, targets: Tensor, exclude: Tensor | None = None) -> Tensor:
+    """Mean over rows of ``-sum_j targets_ij log softmax(logits_i)_j``; ``targets`` rows sum to 1. ``exclude``
+    ``(n, m)`` bool: pairs left out of the softmax (their targets must be 0)."""
+    if exclude is not None:
+        logits = logits.masked_fill(exclude, float("-inf"))
+    logp = F.log_softmax(logits, dim=1)
+    if exclude is not None:
+        logp = logp.masked_fill(exclude, 0.0)
+    return -(targets * logp).sum(dim=1).mean()
+
+
 class ClipLoss(nn.Module):
     """Symmetric softmax cross-entropy between local rows and global columns.
 
     Args:
         group: process group (default: the world).
+        same_study: pairs of different samples of one study: "negative" (as any other pair: CLIP), "ignore" (left
+            out of the softmax) or "soft" (targets ``I + S`` row-normalised, ``S`` the spatial kernel of
+            ``spatial_sigma_mm`` on their z-centres). "ignore" needs meta ``study_id``, "soft" also ``z_center_mm``.
 
     Call: ``loss(image_features (B, E), text_features (B, E), logit_scale (), logit_bias=None, **meta)``
     returns a 0-dim tensor (float32, float64 for float64 inputs). CLIP has no bias: ``logit_bias`` is
-    accepted for a uniform call and ignored (a constant shift does not change a softmax); ``meta`` keys
-    are accepted and ignored.
+    accepted for a uniform call and ignored (a constant shift does not change a softmax); ``meta`` keys the loss
+    does not need are accepted and ignored.
     """
 
     needs_bias: bool = False
-    meta_keys: tuple[str, ...] = ()
 
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, group: dist.ProcessGroup | None = None, same_study: str = "negative",
+                 spatial_sigma_mm: float = 50.0) -> None:
         super().__init__()
         self._batch_check = EqualBatchCheck()  # one all-gather on the first call, then host-side
+        if spatial_sigma_mm <= 0:
+            raise ValueError(f"ClipLoss: spatial_sigma_mm must be > 0, got {spatial_sigma_mm}")
         self.group = group
+        self.meta_keys: tuple[str, ...] = same_study_meta(same_study)
+        self.same_study, self.spatial_sigma_mm = same_study, float(spatial_sigma_mm)
 
     @property
     def needs_meta(self) -> bool:
@@ -68,10 +86,25 @@ class ClipLoss(nn.Module):
         **meta: Tensor,
     ) -> Tensor:
         check_features(image_features, text_features, logit_scale, "ClipLoss")
-        check_meta(meta, (), image_features.shape[0], "ClipLoss")
+        check_meta(meta, self.meta_keys, image_features.shape[0], "ClipLoss")
         self._batch_check(image_features.shape[0], image_features.device, self.group)
         all_image, all_text = gather_pair_features(image_features, text_features, self.group)
         labels = global_index(image_features.shape[0], image_features.device, self.group)
         logits_per_image = at_least_float32(logit_scale * image_features @ all_text.T)
         logits_per_text = at_least_float32(logit_scale * text_features @ all_image.T)
-        return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
+        if self.same_study == "negative":
+            return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
+        rows = {"index": labels, **{k: meta[k].detach() for k in self.meta_keys}}
+        cols = gather_meta(rows, self.group)
+        same = same_study_pairs(rows, cols)
+        if self.same_study == "ignore":
+            return 0.5 * (F.cross_entropy(logits_per_image.masked_fill(same, float("-inf")), labels)
+                          + F.cross_entropy(logits_per_text.masked_fill(same, float("-inf")), labels))
+        eye = (rows["index"][:, None] == cols["index"][None, :]).to(logits_per_image.dtype)
+        t = eye + spatial_affinity(rows["study_id"], rows["z_center_mm"], cols["study_id"], cols["z_center_mm"],
+                                   self.spatial_sigma_mm).to(eye.dtype) * same
+        p = t / t.sum(dim=1, keepdim=True)
+        return 0.5 * (soft_cross_entropy(logits_per_image, p) + soft_cross_entropy(logits_per_text, p))
+
+    def extra_repr(self) -> str:
+        return f"same_study={self.same_study!r}"

@@ -42,6 +42,7 @@ __all__ = [
     "neighbour_exchange",
     "ring_pair_sum",
     "pairwise_sum",
+    "column_sum",
 ]
 
 EXCHANGES: tuple[str, ...] = ("gather", "ring")
@@ -265,6 +266,40 @@ def ring_pair_sum(
     Returns a 0-dim tensor (float32 or wider).
     """
     return _RingPairSum.apply(pair_loss, group, dict(rows), dict(cols), x, y, scale, bias)
+
+
+@torch.no_grad()
+def column_sum(
+    fn: Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], Tensor],
+    rows: Mapping[str, Tensor],
+    cols: Mapping[str, Tensor],
+    exchange: str = "gather",
+    group: dist.ProcessGroup | None = None,
+) -> Tensor:
+    """Row sums over all global columns of ``fn(rows, cols) -> (n, m)``: ``(n,)``, no gradient.
+
+    ``cols`` is this rank's share of the columns (per-sample tensors, first dimension B); they are all-gathered
+    (``exchange="gather"``) or travel the ring in halves as ``ring_pair_sum``'s columns do (``"ring"``: a rank
+    holds one block at a time). A constant of the loss that depends on every column (SWCA's row-normalised
+    targets) is computed with it before the loss itself.
+    """
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange must be one of {list(EXCHANGES)}, got {exchange!r}")
+    world = world_info(group)[1]
+    if world == 1:
+        return fn(rows, cols).sum(dim=1)
+    if exchange == "gather":
+        return fn(rows, gather_meta(cols, group)).sum(dim=1)
+    keys = list(cols)
+    total = fn(rows, cols).sum(dim=1)
+    split = (next(iter(cols.values())).shape[0] + 1) // 2
+    to_right = [v[:split] for v in cols.values()]
+    to_left = [v[split:] for v in cols.values()]
+    for _ in range(world - 1):
+        to_right, to_left = neighbour_exchange(to_right, to_left, group)
+        for item in (to_right, to_left):
+            total += fn(rows, dict(zip(keys, item, strict=True))).sum(dim=1)
+    return total
 
 
 def pairwise_sum(

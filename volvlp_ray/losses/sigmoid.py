@@ -11,13 +11,14 @@ equals the single-process loss over the global batch (sum over all pairs / globa
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .affinity import check_meta
+from .affinity import check_meta, same_study_meta, same_study_pairs, spatial_affinity
 from .gather import EXCHANGES, EqualBatchCheck, global_index, pairwise_sum
 
 __all__ = ["SigmoidLoss", "sigmoid_pair_loss", "check_features", "at_least_float32"]
@@ -40,17 +41,29 @@ def check_features(image_features: Tensor, text_features: Tensor, logit_scale: T
 
 
 def sigmoid_pair_loss(
-    x: Tensor, y: Tensor, scale: Tensor, bias: Tensor | None, rows: Mapping[str, Tensor], cols: Mapping[str, Tensor]
+    x: Tensor, y: Tensor, scale: Tensor, bias: Tensor | None, rows: Mapping[str, Tensor], cols: Mapping[str, Tensor],
+    same_study: str = "negative", spatial_sigma_mm: float = 50.0,
 ) -> Tensor:
     """Sum of ``-log sigmoid(z * logit)`` over the block ``x (n, E)`` x ``y (m, E)`` (0-dim).
 
-    Positives are the pairs with equal global ``"index"``.
+    Positives are the pairs with equal global ``"index"``. Pairs of different samples of one study (``study_id``):
+    ``same_study="negative"`` as any other pair, ``"ignore"`` no term, ``"soft"`` the binary cross-entropy with the
+    spatial kernel on their z-centres as target (``-(t log s(l) + (1 - t) log s(-l))``).
     """
     logits = at_least_float32(scale * (x @ y.T))
     if bias is not None:
         logits = logits + bias
     positive = rows["index"][:, None] == cols["index"][None, :]
-    return -F.logsigmoid(torch.where(positive, logits, -logits)).sum()
+    terms = -F.logsigmoid(torch.where(positive, logits, -logits))
+    if same_study == "negative":
+        return terms.sum()
+    same = same_study_pairs(rows, cols)
+    if same_study == "ignore":
+        return torch.where(same, torch.zeros_like(terms), terms).sum()
+    t = spatial_affinity(rows["study_id"], rows["z_center_mm"], cols["study_id"], cols["z_center_mm"],
+                         spatial_sigma_mm).to(logits.dtype)
+    soft = -(t * F.logsigmoid(logits) + (1.0 - t) * F.logsigmoid(-logits))
+    return torch.where(same, soft, terms).sum()
 
 
 class SigmoidLoss(nn.Module):
@@ -62,21 +75,31 @@ class SigmoidLoss(nn.Module):
             blocks, per-rank memory independent of the world size).
         group: process group (default: the world).
 
+        same_study: pairs of different samples of one study: "negative" (as any other pair), "ignore" (left out)
+            or "soft" (target = the spatial kernel of ``spatial_sigma_mm`` on their z-centres); see
+            ``sigmoid_pair_loss``. "ignore" needs meta ``study_id``, "soft" also ``z_center_mm``.
+
     Call: ``loss(image_features (B, E), text_features (B, E), logit_scale (), logit_bias () | None, **meta)``
-    returns a 0-dim tensor (float32, float64 for float64 inputs). ``meta`` keys are accepted and ignored
-    (see ``META_KEYS``).
+    returns a 0-dim tensor (float32, float64 for float64 inputs). ``meta`` keys the loss does not need are accepted
+    and ignored (see ``META_KEYS``).
     """
 
     needs_bias: bool = True
-    meta_keys: tuple[str, ...] = ()
 
-    def __init__(self, exchange: str = "gather", group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, exchange: str = "gather", group: dist.ProcessGroup | None = None, same_study: str = "negative",
+                 spatial_sigma_mm: float = 50.0) -> None:
         super().__init__()
         self._batch_check = EqualBatchCheck()  # one all-gather on the first call, then host-side
         if exchange not in EXCHANGES:
             raise ValueError(f"SigmoidLoss: exchange must be one of {list(EXCHANGES)}, got {exchange!r}")
+        if spatial_sigma_mm <= 0:
+            raise ValueError(f"SigmoidLoss: spatial_sigma_mm must be > 0, got {spatial_sigma_mm}")
         self.exchange = exchange
         self.group = group
+        self.meta_keys: tuple[str, ...] = same_study_meta(same_study)
+        self.same_study, self.spatial_sigma_mm = same_study, float(spatial_sigma_mm)
+        self._pair_loss = sigmoid_pair_loss if same_study == "negative" else partial(
+            sigmoid_pair_loss, same_study=same_study, spatial_sigma_mm=self.spatial_sigma_mm)
 
     @property
     def needs_meta(self) -> bool:
@@ -91,12 +114,13 @@ class SigmoidLoss(nn.Module):
         **meta: Tensor,
     ) -> Tensor:
         check_features(image_features, text_features, logit_scale, "SigmoidLoss")
-        check_meta(meta, (), image_features.shape[0], "SigmoidLoss")
+        check_meta(meta, self.meta_keys, image_features.shape[0], "SigmoidLoss")
         self._batch_check(image_features.shape[0], image_features.device, self.group)
         batch = image_features.shape[0]
         index = {"index": global_index(batch, image_features.device, self.group)}
+        index.update({k: meta[k].detach() for k in self.meta_keys})
         total = pairwise_sum(
-            sigmoid_pair_loss,
+            self._pair_loss,
             image_features,
             text_features,
             logit_scale,
@@ -109,4 +133,4 @@ class SigmoidLoss(nn.Module):
         return total / batch
 
     def extra_repr(self) -> str:
-        return f"exchange={self.exchange!r}"
+        return f"exchange={self.exchange!r}, same_study={self.same_study!r}"

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from volvlp_ray.config import Config, config_from_dict, dump_yaml
+from volvlp_ray.config import Config, config_from_dict, dump_yaml, same_study_mode
 
 __all__ = ["build_loss_from_config", "train_loop_per_worker"]
 
@@ -48,14 +48,15 @@ def build_loss_from_config(cfg: Config):
     from volvlp_ray.losses import build_loss
 
     exchange = "ring" if cfg.loss.ring else "gather"
+    same = {"same_study": same_study_mode(cfg), "spatial_sigma_mm": cfg.loss.spatial_sigma_mm}
     if cfg.loss.kind == "clip":
-        return build_loss("clip")
+        return build_loss("clip", **same)
     if cfg.loss.kind == "sigmoid":
-        return build_loss("sigmoid", exchange=exchange)
+        return build_loss("sigmoid", exchange=exchange, **same)
     return build_loss(
         "swca", alpha=cfg.loss.alpha, form=cfg.loss.form, spatial_weight=cfg.loss.spatial_weight,
-        knowledge_weight=cfg.loss.knowledge_weight, intra_weight=cfg.loss.intra_weight,
-        spatial_sigma_mm=cfg.loss.spatial_sigma_mm, exchange=exchange if cfg.loss.form == "sigmoid" else "gather",
+        knowledge_weight=cfg.loss.knowledge_weight, intra_weight=cfg.loss.intra_weight, norm=cfg.loss.soft_norm,
+        exchange=exchange if cfg.loss.form == "sigmoid" else "gather", **same,
     )
 
 
@@ -404,7 +405,7 @@ class TrainStream:
                 self.sampler = EqualTokenSampler(
                     b, pz, cfg.data.text_mode, (cfg.data.chunk_depth[0] // pz, cfg.data.chunk_depth[1] // pz),
                     pool_rows=cfg.data.pool_batches * b, max_pool=cfg.data.max_pool_batches * b, seed=cfg.seed,
-                    rank=rank)
+                    rank=rank, chunks_per_row=cfg.data.chunks_per_volume, overlap=cfg.data.chunk_overlap)
                 start = self.start
             else:
                 start = EpochStart(self.sampler.pool)  # what the last epoch left
@@ -485,7 +486,8 @@ class _Prepare:
         from volvlp_ray.train.producer import to_device
 
         epoch, n, step, np_batch, carry = item
-        keys = [str(k) for k in np_batch["key"]] if "key" in np_batch else []
+        # a volume's K chunks (data.chunks_per_volume) are K consecutive rows: it was trained once
+        keys = [str(k) for k in np_batch["key"]][::self.cfg.data.chunks_per_volume] if "key" in np_batch else []
         if self.stream is not None and not self._device_set:  # the CUDA device is per thread
             torch.cuda.set_device(self.device)
             self._device_set = True
