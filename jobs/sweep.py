@@ -1,10 +1,12 @@
 """Sweep config keys with Ray Tune; every trial is a distributed pre-training run.
 
-    python jobs/sweep.py --config configs/sweep.yaml                     # α x initial temperature, ASHA
+    python jobs/sweep.py                                                 # configs/sweep.yaml: SWCA α x temperature
+    python jobs/sweep.py --config configs/sweep.yaml                     # the same, named explicitly
     python jobs/sweep.py --config configs/sweep.yaml sweep.name=a-t      # run again with the name to resume
     python jobs/sweep.py --config configs/sweep.yaml 'sweep.search_space={train.lr: {loguniform: [1e-4, 3e-3]}}' sweep.num_samples=8
     ray job submit --working-dir . -- python jobs/sweep.py --config configs/sweep.yaml workspace=/abs/path
 
+Without --config the sweep is configs/sweep.yaml (the embedded default's loss, sigmoid, has no α to sweep).
 MLflow: one parent run per sweep, a nested child run per trial; the best trial's config is written to
 {workspace}/sweeps/{name}/best.yaml (run it with jobs/pretrain.py --config).
 """
@@ -12,12 +14,20 @@ MLflow: one parent run per sweep, a nested child run per trial; the best trial's
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from volvlp_ray.config import ConfigError, parse_cli
 
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sweep.yaml"
+
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if not any(a == "--config" or a.startswith("--config=") for a in argv):
+            argv = ["--config", str(DEFAULT_CONFIG), *argv]
+            print(f"[sweep] config {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])} (the default sweep; "
+                  "--config FILE for another)", flush=True)
         cfg, _ = parse_cli(argv, description=__doc__.splitlines()[0])
         from volvlp_ray.tune import run_sweep
 

@@ -9,9 +9,9 @@ Three runs of 3 steps cover them all (A and B run the job in the test process on
   "soft" would not show here: the two chunks of a tiny volume mostly cover the same organs, and with one text for
   both CLIP's soft targets give the hard loss's value exactly),
   ``train.optimizer=muon`` with ZeRO-1;
-- **B**: ``loss.kind=swca loss.form=softmax`` with the intra-modal term, Muon with ZeRO-3 (and its consolidated export), the text tower a
-  small Hugging Face ``BertModel`` with its own tokenizer loaded from a local folder that the test saves; the run's
-  MLflow pyfunc model is then called with a NIfTI column;
+- **B**: ``loss.kind=swca loss.form=softmax`` with the intra-modal term, Muon with ZeRO-3 (and its consolidated
+  export), the text tower a small Hugging Face ``BertModel`` with its own tokenizer loaded from a local folder that
+  the test saves; the run's MLflow pyfunc model is then called with a NIfTI column;
 - **C**: ``loss.kind=sigmoid loss.ring=true`` with ``train.storage_path`` on an S3 endpoint (moto's server).
 
 Every run writes the step trace (``VOLVLP_STEP_TRACE``, ``VOLVLP_STEP_TRACE_BATCHES``: the loss module, and the
@@ -291,8 +291,9 @@ def save_bert(folder: Path, corpus: list[str]):
 def run_b(ws, pretrain_job):
     reports = [s["report"] for s in read_samples(ws, "train").values()]
     bert, tok = save_bert(ws / "hf-bert", reports)
-    run_in_process(pretrain_job, ws, "B", "loss.kind=swca", "loss.form=softmax", "loss.alpha=0.5", "loss.intra_weight=0.5",
-                   "train.optimizer=muon", "train.zero_stage=3", f"model.text_model={ws / 'hf-bert'}")
+    run_in_process(pretrain_job, ws, "B", "loss.kind=swca", "loss.form=softmax", "loss.alpha=0.5",
+                   "loss.intra_weight=0.5", "train.optimizer=muon", "train.zero_stage=3",
+                   f"model.text_model={ws / 'hf-bert'}")
     (ws / "config-B.yaml").write_text((last_checkpoint(ws, "B") / "config.yaml").read_text())
     return ws, bert, tok
 

@@ -22,11 +22,11 @@ ROOT = Path(__file__).parents[1]
 def test_search_space_forms_and_errors():
     from ray.tune.search.sample import Domain
 
-    base = config_to_dict(Config())
+    base = config_to_dict(load_config(None, ["loss.kind=swca"]))
     space = parse_search_space({"loss.alpha": [0.25, 0.5], "train.lr": {"loguniform": [1e-4, 1e-2]},
-                                "loss.kind": {"choice": ["sigmoid", "swca"]}}, base)
+                                "loss.form": {"choice": ["sigmoid", "softmax"]}}, base)
     assert space["loss.alpha"] == {"grid_search": [0.25, 0.5]}
-    assert isinstance(space["train.lr"], Domain) and isinstance(space["loss.kind"], Domain)
+    assert isinstance(space["train.lr"], Domain) and isinstance(space["loss.form"], Domain)
     with pytest.raises(ConfigError, match="unknown config key 'loss.alhpa'"):
         parse_search_space({"loss.alhpa": [0.5]}, base)
     with pytest.raises(ConfigError, match="must be a number"):
@@ -37,6 +37,39 @@ def test_search_space_forms_and_errors():
         parse_search_space({"train.lr": {"normal": [0, 1]}}, base)
     cfg = apply_params(base, {"loss.alpha": 0.25, "model.init_logit_scale": 5.0})
     assert cfg.loss.alpha == 0.25 and cfg.model.init_logit_scale == 5.0 and cfg.train.lr == Config().train.lr
+
+
+def test_a_swept_key_without_effect_is_a_config_error_naming_what_voids_it():
+    """alpha with the sigmoid loss (the embedded default), alpha in the sigmoid trials of a loss-kind sweep, the
+    same-study rule with one chunk per volume, the ring with a softmax loss: each would make trials that differ
+    only in their name."""
+    sigmoid = config_to_dict(Config())
+    with pytest.raises(ConfigError, match=r"'loss.alpha' has no effect with loss.kind=sigmoid \(it applies to "
+                                          r"loss.kind=swca only\).*change loss.kind"):
+        parse_search_space({"loss.alpha": [0.5, 1.0]}, sigmoid)
+    with pytest.raises(ConfigError, match="'loss.alpha' has no effect in the trials with loss.kind=sigmoid"):
+        parse_search_space({"loss.kind": ["sigmoid", "swca"], "loss.alpha": [0.5, 1.0]}, sigmoid)
+    with pytest.raises(ConfigError, match="'loss.same_study' has no effect with data.chunks_per_volume=1"):
+        parse_search_space({"loss.same_study": ["soft", "ignore"]}, sigmoid)
+    with pytest.raises(ConfigError, match="'loss.ring' has no effect in the trials with loss.kind=clip"):
+        parse_search_space({"loss.kind": ["sigmoid", "clip"], "loss.ring": [True, False]}, sigmoid)
+    organ = config_to_dict(load_config(None, ["data.text_mode=organ", "train.batch_size=8",
+                                              "data.chunks_per_volume=2"]))
+    parse_search_space({"loss.same_study": ["soft", "ignore"], "loss.kind": ["clip", "sigmoid"]}, organ)  # fine
+
+
+def test_the_default_sweep_config_sweeps_alpha_and_temperature_with_swca():
+    """``python jobs/sweep.py`` with no --config loads configs/sweep.yaml: SWCA, alpha x init_logit_scale, and
+    its search space passes the no-effect check."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sweep_job", ROOT / "jobs" / "sweep.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    cfg = load_config(job.DEFAULT_CONFIG)
+    assert cfg.loss.kind == "swca" and set(cfg.sweep.search_space) == {"loss.alpha", "model.init_logit_scale"}
+    parse_search_space(cfg.sweep.search_space, config_to_dict(cfg))
+    assert job.main(["sweep.search_space={loss.alpha: [0.5, 1.0]}", "loss.kind=sigmoid"]) == 2  # a clear error
 
 
 def test_concurrency_follows_resources():

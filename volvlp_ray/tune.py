@@ -28,7 +28,7 @@ from typing import Any
 
 from volvlp_ray.config import Config, ConfigError, config_from_dict, config_to_dict, dump_yaml, parse_override
 
-__all__ = ["apply_params", "parse_search_space", "run_sweep", "trial_concurrency"]
+__all__ = ["apply_params", "check_swept_keys_matter", "parse_search_space", "run_sweep", "trial_concurrency"]
 
 _DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
 
@@ -70,7 +70,36 @@ def parse_search_space(space: dict[str, Any], base: dict) -> dict[str, Any]:
             apply_params(base, {key: v})  # the key exists and the value has its type
         out[key] = {"grid": tune.grid_search, "choice": tune.choice}[kind](values) if kind in ("grid", "choice") \
             else {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[kind](*values)
+    check_swept_keys_matter(space, base)
     return out
+
+
+def check_swept_keys_matter(space: dict[str, Any], base: dict, what: str = "sweep.search_space") -> None:
+    """A swept key that has no effect in some of the trials (``config.voided_by``: alpha with a loss that ignores
+    it, ...) is a ``ConfigError`` naming the key and the setting that voids it: those trials would differ only in
+    their name. Every combination of the listed (grid / choice) values is checked; a sampled range counts with
+    its low end."""
+    import itertools
+
+    from volvlp_ray.config import voided_by
+
+    listed = {}
+    for key, spec in space.items():
+        values = spec if isinstance(spec, list) else next(iter(spec.values()))
+        kind = "grid" if isinstance(spec, list) else next(iter(spec))
+        listed[key] = list(values) if kind in ("grid", "choice") else [values[0]]
+    combos = itertools.islice(itertools.product(*listed.values()), 4096)
+    for combo in combos:
+        params = dict(zip(listed, combo))
+        cfg = apply_params(base, params)
+        for key in space:
+            reason = voided_by(cfg, key)
+            if reason:
+                setting = reason.split("=")[0]
+                where = "in the trials with" if setting in params and setting != key else "with"
+                raise ConfigError(
+                    f"{what} key {key!r} has no effect {where} {reason}: trials that differ only in it would "
+                    f"train the same model; drop the key or change {setting}")
 
 
 def trial_concurrency(cfg: Config, resources: dict[str, float]) -> int:

@@ -180,7 +180,8 @@ class EqualTokenSampler:
         if batch_size < 1 or patch_z < 1:
             raise ValueError(f"batch_size and patch_z must be >= 1, got {batch_size}, {patch_z}")
         if chunks_per_row < 1 or batch_size % chunks_per_row or (chunks_per_row > 1 and mode != "organ"):
-            raise ValueError(f"chunks_per_row={chunks_per_row} needs organ mode and must divide batch_size={batch_size}")
+            raise ValueError(f"chunks_per_row={chunks_per_row} needs organ mode and must divide "
+                             f"batch_size={batch_size}")
         lo, hi = (max(1, int(c)) for c in chunk_patches)
         self.batch_size, self.patch_z, self.mode = batch_size, patch_z, mode
         self.chunks_per_row, self.overlap = chunks_per_row, overlap or chunks_per_row == 1

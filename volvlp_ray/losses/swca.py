@@ -6,9 +6,9 @@ knowledge affinity (Tanimoto/Jaccard of the reports' abnormality or concept vect
 intra-modal feature similarity (detached); see ``affinity.soft_targets``.
 
 Targets that mean the same at every batch size (``norm="row"``, the default): in SCALE-VLP's formula every
-off-diagonal pair adds ``(1 - alpha) * W_ij`` to a row, so the share of the true pair falls as the global batch grows
-(softmax form: ~14 % at 128, ~2 % at 1,024 with the knowledge term). With ``norm="row"`` each row's off-diagonal
-``W`` is divided by its sum over the global columns (``row_sums``, a no-gradient pass over the columns with the
+off-diagonal pair adds ``(1 - alpha) * W_ij`` to a row, so the share of the true pair falls as the global batch
+grows (softmax form, issue #18: ~14 % at 128, ~2 % at 1,024 with the knowledge term). With ``norm="row"`` each
+row's off-diagonal ``W`` is divided by its sum over the global columns (``row_sums``, a no-gradient pass over the columns with the
 loss's own exchange), so the related samples share ``1 - alpha`` and the true pair keeps ``alpha`` (softmax) or a
 target of 1 (sigmoid) at any world size. ``norm="none"`` keeps SCALE-VLP's ``A_ii = 1`` and unnormalised ``W``.
 
