@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 __all__ = [
+    "AblationConfig",
     "GRAD_CHECKPOINTING_MODES",
     "Config",
     "ConfigError",
@@ -400,6 +401,31 @@ class SweepConfig:
 
 
 @dataclass
+class AblationConfig:
+    """``jobs/ablate.py``: a grid of pre-training runs, each evaluated on the held-out split (ignored by other
+    jobs). The trials: the main grid ``losses x texts x seeds`` at ``loss.alpha`` and the config's global batch;
+    an alpha arm, ``alpha_losses x alphas x seeds`` (report text); a batch arm, ``batch_losses x global_batches x
+    seeds`` (report text). A trial that two arms share runs once."""
+
+    name: str | None = None
+    """Ablation name (Tune experiment, MLflow parent run); run again with the same name to resume."""
+    losses: list[str] = field(default_factory=lambda: ["clip", "sigmoid", "swca-sigmoid", "swca-softmax"])
+    """Loss arms: clip, sigmoid, swca-sigmoid, swca-softmax."""
+    texts: list[str] = field(default_factory=lambda: ["report", "organ"])
+    """Text arms: report (whole volume, whole report) or organ (``chunks_per_volume`` chunks per volume)."""
+    chunks_per_volume: int = 2
+    """K of the organ arm (``data.chunks_per_volume``)."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    alpha_losses: list[str] = field(default_factory=lambda: ["swca-softmax"])
+    alphas: list[float] = field(default_factory=lambda: [0.25, 0.75, 1.0])
+    batch_losses: list[str] = field(default_factory=lambda: ["sigmoid", "swca-softmax"])
+    global_batches: list[int] = field(default_factory=lambda: [8])
+    """Global batches of the batch arm (split over ``scaling.num_workers``); the main grid's is the config's."""
+    max_concurrent: int = 0
+    """Trials at a time; 0 = as many as the cluster holds."""
+
+
+@dataclass
 class Config:
     workspace: str = "workspace"
     """Folder holding data, shards, runs and the default MLflow database."""
@@ -414,6 +440,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
 
     def __post_init__(self) -> None:
         validate(self)
