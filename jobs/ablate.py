@@ -20,13 +20,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ablation.yam
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if not any(a == "--config" or a.startswith("--config=") for a in argv):
-            argv = ["--config", str(DEFAULT_CONFIG), *argv]
-            print(f"[ablate] config {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])} (the default grid; "
-                  "--config FILE for another)", flush=True)
-        cfg, _ = parse_cli(argv, description=__doc__.splitlines()[0])
+        cfg, _ = parse_cli(argv, description=__doc__.splitlines()[0], default_config=DEFAULT_CONFIG, tag="ablate")
         from volvlp_ray.ablate import run_ablation
 
         run_ablation(cfg)

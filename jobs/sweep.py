@@ -22,13 +22,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sweep.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if not any(a == "--config" or a.startswith("--config=") for a in argv):
-            argv = ["--config", str(DEFAULT_CONFIG), *argv]
-            print(f"[sweep] config {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])} (the default sweep; "
-                  "--config FILE for another)", flush=True)
-        cfg, _ = parse_cli(argv, description=__doc__.splitlines()[0])
+        cfg, _ = parse_cli(argv, description=__doc__.splitlines()[0], default_config=DEFAULT_CONFIG, tag="sweep")
         from volvlp_ray.tune import run_sweep
 
         run_sweep(cfg)

@@ -172,7 +172,7 @@ def run_ablation(cfg: Config) -> dict[str, Any]:
 
     from volvlp_ray.tracking import resolve_tracking_uri, start_run
     from volvlp_ray.train.trainer import ensure_ray, ensure_shards, ensure_tokenizer, runs_storage
-    from volvlp_ray.tune import trial_concurrency
+    from volvlp_ray.tune import resumable_tuner, trial_concurrency
 
     t0 = time.time()
     name = cfg.ablation.name or f"ablation-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -198,15 +198,10 @@ def run_ablation(cfg: Config) -> dict[str, Any]:
                                      tracking_uri=tracking_uri, parent_run_id=parent_run_id,
                                      storage=f"{root}/{name}/trials")
     trainable = tune.with_resources(trainable, {"CPU": 0.01})  # the trial's TorchTrainer workers hold the CPUs
-    experiment = f"{root}/{name}/tune"
     try:
-        if tune.Tuner.can_restore(experiment):
-            print(f"[ablate] resuming {name} from {experiment}", flush=True)
-            tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            tuner = tune.Tuner(trainable, param_space={"spec": tune.grid_search(trials)},
-                               tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
-                               run_config=tune.RunConfig(name="tune", storage_path=f"{root}/{name}", verbose=1))
+        tuner = resumable_tuner(root, name, trainable, "ablate", lambda: dict(
+            param_space={"spec": tune.grid_search(trials)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency)))
         grid = tuner.fit()
         errors = [str(r.error) for r in grid if r.error is not None]
         if errors:

@@ -718,14 +718,20 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return _build(Config, values)
 
 
-def parse_cli(argv: list[str] | None = None, description: str = "") -> tuple[Config, Any]:
-    """``[--config FILE] [key=value ...]`` -> (Config, argparse namespace)."""
+def parse_cli(argv: list[str] | None = None, description: str = "", default_config: str | os.PathLike | None = None,
+              tag: str = "") -> tuple[Config, Any]:
+    """``[--config FILE] [key=value ...]`` -> (Config, argparse namespace). ``default_config``: the file a job runs
+    when no ``--config`` is given (said on stdout, prefixed with ``[tag]``)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default=None, help="YAML file: a partial config tree")
+    parser.add_argument("--config", default=None, help="YAML file: a partial config tree"
+                        + (f" (default: {default_config})" if default_config else ""))
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 loss.kind=sigmoid")
     args = parser.parse_args(argv)
+    if args.config is None and default_config is not None:
+        args.config = str(default_config)
+        print(f"[{tag}] config {args.config} (the default; --config FILE for another)", flush=True)
     return load_config(args.config, args.overrides), args
 
 

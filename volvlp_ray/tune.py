@@ -28,7 +28,8 @@ from typing import Any
 
 from volvlp_ray.config import Config, ConfigError, config_from_dict, config_to_dict, dump_yaml, parse_override
 
-__all__ = ["apply_params", "check_swept_keys_matter", "parse_search_space", "run_sweep", "trial_concurrency"]
+__all__ = ["apply_params", "check_swept_keys_matter", "parse_search_space", "resumable_tuner", "run_sweep",
+           "trial_concurrency"]
 
 _DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
 
@@ -187,25 +188,20 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     # the trial actor only drives its TorchTrainer, whose workers hold the resources (Tune needs a non-empty
     # request); how many trials run at once is max_concurrent_trials
     trainable = tune.with_resources(trainable, {"CPU": 0.01})
-    experiment = f"{root}/{name}/tune"
+    steps = cfg.train.steps
     try:
-        if tune.Tuner.can_restore(experiment):
-            print(f"[sweep] resuming {name} from {experiment}", flush=True)
-            tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            steps = cfg.train.steps
-            scheduler = ASHAScheduler(
+        def scheduler():
+            return ASHAScheduler(
                 # max_t beyond the last step: a trial that gets there ends by itself (Tune would otherwise
                 # stop -- kill -- it at its final report, before its run is closed)
                 time_attr="step", max_t=steps + 1, grace_period=cfg.sweep.grace_period or max(1, steps // 4),
                 reduction_factor=cfg.sweep.reduction_factor,
             ) if cfg.sweep.scheduler == "asha" else FIFOScheduler()
-            tuner = tune.Tuner(
-                trainable, param_space=space,
-                tune_config=tune.TuneConfig(metric=cfg.sweep.metric, mode=cfg.sweep.mode, scheduler=scheduler,
-                                            num_samples=cfg.sweep.num_samples, max_concurrent_trials=concurrency),
-                run_config=tune.RunConfig(name="tune", storage_path=f"{root}/{name}", verbose=1),
-            )
+
+        tuner = resumable_tuner(root, name, trainable, "sweep", lambda: dict(
+            param_space=space,
+            tune_config=tune.TuneConfig(metric=cfg.sweep.metric, mode=cfg.sweep.mode, scheduler=scheduler(),
+                                        num_samples=cfg.sweep.num_samples, max_concurrent_trials=concurrency)))
         grid = tuner.fit()
         summary = _summarise(cfg, name, grid, client, parent_run_id, base)
         client.log_metric(parent_run_id, "sweep/seconds", time.time() - t0)
@@ -216,6 +212,20 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     print(f"[sweep] done in {time.time() - t0:.0f}s; best {cfg.sweep.metric} = {summary['best_metric']:.4f} with "
           f"{summary['best_params']}; config {summary['best_config']}", flush=True)
     return summary
+
+
+def resumable_tuner(root: str, name: str, trainable, tag: str, new_kwargs):
+    """The Tune experiment ``{root}/{name}/tune``: restored (finished trials kept, unfinished and errored ones run again)
+    when it exists, else a new ``Tuner`` of ``trainable`` with ``new_kwargs()`` (param_space, tune_config). Sweeps
+    and ablations resume by name through it."""
+    from ray import tune
+
+    experiment = f"{root}/{name}/tune"
+    if tune.Tuner.can_restore(experiment):
+        print(f"[{tag}] resuming {name} from {experiment}", flush=True)
+        return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
+    return tune.Tuner(trainable, run_config=tune.RunConfig(name="tune", storage_path=f"{root}/{name}", verbose=1),
+                      **new_kwargs())
 
 
 def _summarise(cfg: Config, name: str, grid, client, parent_run_id: str, base: dict) -> dict[str, Any]:
