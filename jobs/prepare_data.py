@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
-from volvlp_ray.config import ConfigError, load_config
+from volvlp_ray import console
+from volvlp_ray.config import ConfigError, add_verbose_flag, apply_verbose_flag, load_config
 from volvlp_ray.data import storage
 from volvlp_ray.data.ctrate import SPLITS, layout_problem
 
@@ -31,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="shards folder or URI (default: data.shards_dir, {workspace}/shards)")
     parser.add_argument("--config", default=None, help="YAML file: a partial config tree")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.shard_max_bytes=1000000")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    apply_verbose_flag(args)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
@@ -59,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if ready:
         counts = ", ".join(f"{s} {read_manifest(storage.child(out, s))['num_samples']} samples" for s in SPLITS)
-        print(f"[prepare] shards up to date at {storage.redact(out)} ({counts}); nothing to do", flush=True)
+        console.info(f"[prepare] shards up to date at {storage.redact(out)} ({counts}); nothing to do")
         return 0
+    log_name = f"prepare-{time.strftime('%Y%m%d-%H%M%S')}"
+    console.setup_logging(cfg.workspace_path / "logs", log_name)
     import ray
 
     from volvlp_ray.train.trainer import start_local_ray
@@ -68,15 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     if ray.is_initialized():  # called in a process that has Ray already (tests)
         pass
     elif os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level="WARNING")
+        ray.init(**console.ray_init_kwargs())
     else:
-        start_local_ray(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level="WARNING")
+        start_local_ray(num_cpus=os.cpu_count() or 1, include_dashboard=False, **console.ray_init_kwargs())
+    console.setup_logging(cfg.workspace_path / "logs", log_name)  # again: Ray Data set up its handlers on import
     try:
         prepare_shards(source, out, cfg)
     except (FileNotFoundError, ValueError) as exc:
         print(f"input error: {exc}", file=sys.stderr)
         return 2
-    print(f"[prepare] done: {storage.redact(out)}", flush=True)
+    console.info(f"[prepare] done: {storage.redact(out)}"
+                 + (f"; library logs in {console.log_file()}" if console.log_file() else ""))
     return 0
 
 

@@ -32,8 +32,9 @@ STEP_LINE = re.compile(r"\(RayTrainWorker pid=(\d+)[^)]*\).*\[train\] step (\d+)
 
 
 def _cmd(ws: Path, run_name: str, *extra: str) -> list[str]:
-    return [sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
-            f"workspace={ws}", f"run_name={run_name}", *ARGS, *extra]
+    # --verbose: Ray forwards the workers' own output, so rank 0's step lines carry its pid (the worker to kill)
+    return [sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--verbose", "--config",
+            str(ROOT / "configs" / "tiny.yaml"), f"workspace={ws}", f"run_name={run_name}", *ARGS, *extra]
 
 
 def _env() -> dict:

@@ -374,7 +374,8 @@ def test_tracking_outages_during_a_real_training_run(tmp_path, capsys, own_serve
     steps, kill_at, down = 200, 25, 10
     srv = own_server
     ws = copy_tiny_workspace(tmp_path / "ws")  # tiny.yaml's data, shards and tokenizer: the job trains at once
-    cmd = [sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+    # --verbose: rank 0's own step lines (Ray forwards them) time the outages step by step
+    cmd = [sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--verbose", "--config", str(ROOT / "configs" / "tiny.yaml"),
            f"workspace={ws}", "run_name=outage", f"train.steps={steps}", "train.log_every=1",
            f"train.checkpoint_every={steps}", "eval.at_end=false"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
@@ -436,7 +437,8 @@ def test_tracking_outages_during_a_real_training_run(tmp_path, capsys, own_serve
 
     # what rank 0 said: one warning per outage, one recovery, and at the end where the unsent steps are
     warned = [line for line in lines if UNREACHABLE in line]
-    assert len(warned) == 2 and all("RayTrainWorker" in w and "training continues" in w for w in warned), warned
+    # rank 0's lines reach the driver's console through the relay (volvlp_ray/console.py)
+    assert len(warned) == 2 and all("training continues" in w for w in warned), warned
     (recovery,) = [line for line in lines if "reachable again" in line]
     sent_steps = int(re.search(r"values \((\d+) steps\) sent", recovery).group(1))
     assert sent_steps >= down, recovery

@@ -6,6 +6,10 @@ DeepSpeed); it is imported on first use so that ``import volvlp_ray`` stays ligh
 
 from typing import Any
 
+# stdlib only: puts the handler on the "volvlp_ray" logger that brings the project's warnings from any Ray worker
+# (a Ray Data task included) to the driver's console
+from volvlp_ray import console as _console  # noqa: F401,E402
+
 __version__ = "0.1.0"
 __all__ = ["VLP", "__version__"]
 

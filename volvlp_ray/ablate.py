@@ -180,7 +180,7 @@ def run_ablation(cfg: Config) -> dict[str, Any]:
     trials = ablation_trials(cfg)
     base = config_to_dict(cfg)
     base["run_name"] = None
-    ensure_ray(cfg, concurrent_trials=cfg.ablation.max_concurrent or 2)
+    ensure_ray(cfg, concurrent_trials=cfg.ablation.max_concurrent or 2, quiet=False)
     ensure_shards(cfg)
     tokenizer_dir = ensure_tokenizer(cfg)
     concurrency = trial_concurrency(cfg, ray.cluster_resources())

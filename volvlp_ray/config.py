@@ -728,11 +728,28 @@ def parse_cli(argv: list[str] | None = None, description: str = "", default_conf
     parser.add_argument("--config", default=None, help="YAML file: a partial config tree"
                         + (f" (default: {default_config})" if default_config else ""))
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 loss.kind=sigmoid")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    apply_verbose_flag(args)
     if args.config is None and default_config is not None:
         args.config = str(default_config)
         print(f"[{tag}] config {args.config} (the default; --config FILE for another)", flush=True)
     return load_config(args.config, args.overrides), args
+
+
+def add_verbose_flag(parser) -> None:
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's, DeepSpeed's and the other libraries' own logs on the console too (they go "
+                             "to the run's log file otherwise), and every Ray worker's output")
+
+
+def apply_verbose_flag(args) -> None:
+    """``--verbose`` -> ``VOLVLP_VERBOSE=1`` (read by ``volvlp_ray.console`` here and, passed on, in the workers);
+    without the flag the variable is left as the user set it."""
+    if getattr(args, "verbose", False):
+        from volvlp_ray import console
+
+        console.set_verbose(True)
 
 
 def dump_yaml(cfg: Config) -> str:

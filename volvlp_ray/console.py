@@ -30,11 +30,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Progress", "Relay", "attach", "attached", "step", "error", "info", "is_verbose", "log_file", "progress", "relay_name",
+__all__ = ["Progress", "Relay", "attach", "attached", "step", "error", "ray_init_kwargs", "info", "is_verbose", "log_file", "progress", "relay_name",
            "set_verbose", "setup_logging", "summary", "warn"]
 
 log = logging.getLogger("volvlp_ray")
-log.addHandler(logging.NullHandler())  # no "last resort" stderr copy of what info/warn print themselves
 _SHOWN = {"volvlp_console": True}  # marks records whose text info/warn/error put on the console already
 
 VERBOSE_ENV = "VOLVLP_VERBOSE"
@@ -55,6 +54,14 @@ def is_verbose() -> bool:
 
 def set_verbose(flag: bool) -> None:
     os.environ[VERBOSE_ENV] = "1" if flag else "0"
+
+
+def ray_init_kwargs(quiet: bool = True) -> dict[str, Any]:
+    """``ray.init`` arguments for a job's driver: unless verbose (or not ``quiet``), the workers' output stays in
+    Ray's log files and Ray's driver-side records go to the logging tree (this module's log file), not the console."""
+    if quiet and not is_verbose():
+        return {"log_to_driver": False, "configure_logging": False}
+    return {"log_to_driver": True, "logging_level": logging.WARNING}
 
 
 def relay_name() -> str:
@@ -141,7 +148,7 @@ class Progress:
     shown after the count. ``close()`` (or the ``with`` block's end) prints the final state once."""
 
     def __init__(self, total: int | None, desc: str, unit: str = "it", plain_lines: int = 10,
-                 stream=None, tty: bool | None = None) -> None:
+                 stream=None, tty: bool | None = None, disabled: bool = False) -> None:
         self.total = int(total) if total else None
         self.desc, self.unit = desc, unit
         self.stream = stream if stream is not None else sys.stdout
@@ -151,9 +158,10 @@ class Progress:
         self.t0 = time.time()
         self._marks = max(1, int(plain_lines))
         self._next_mark = 1
-        self._closed = False
+        self._closed = disabled
+        self.disabled = disabled
         self._bar = None
-        if self.tty:
+        if self.tty and not disabled:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=self.total, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True,
@@ -167,7 +175,8 @@ class Progress:
 
     def __enter__(self) -> Progress:
         global _active_bar
-        _active_bar = self
+        if not self.disabled:
+            _active_bar = self
         return self
 
     def __exit__(self, *exc) -> None:
@@ -186,6 +195,8 @@ class Progress:
         step = done - self.done
         self.done = done
         self.fields.update(fields)
+        if self.disabled:
+            return
         if self._bar is not None:
             if fields:
                 self._bar.set_postfix_str(self._fields_text(), refresh=False)
@@ -202,16 +213,17 @@ class Progress:
 
     def _line(self, final: bool = False) -> None:
         el = time.time() - self.t0
+        unit = f" {self.unit}" if self.unit else ""
         if self.total:
             pct = 100.0 * self.done / self.total
-            head = f"{self.desc} {self.done}/{self.total} {self.unit} ({pct:.0f}%)"
+            head = f"{self.desc} {self.done}/{self.total}{unit} ({pct:.0f}%)"
             if not final and self.done:
                 eta = el * (self.total - self.done) / self.done
                 head += f", {_duration(el)} elapsed, ETA {_duration(eta)}"
             else:
                 head += f" in {_duration(el)}"
         else:
-            head = f"{self.desc} {self.done} {self.unit} in {_duration(el)}"
+            head = f"{self.desc} {self.done}{unit} in {_duration(el)}"
         f = self._fields_text()
         print(head + (f"; {f}" if f else ""), file=self.stream, flush=True)
 
@@ -319,13 +331,22 @@ def setup_logging(log_dir: str | os.PathLike | None, name: str, verbose: bool | 
             for f in list(h.filters):
                 h.removeFilter(f)
             h.addFilter(_ConsoleFilter(verbose))
-    for name_ in QUIET_LOGGERS:
-        lg = logging.getLogger(name_)
-        # the libraries' own console handlers (Ray's, DeepSpeed's) stay off the console unless verbose
-        for h in lg.handlers:
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
-                h.setLevel(logging.INFO if verbose else logging.CRITICAL + 1)
-        lg.propagate = True
+    if not verbose:  # verbose: the libraries keep their own console handlers, as they set them up
+        # these set up their own console handlers when imported: import them first (every job uses them anyway)
+        for module in ("ray", "ray.data", "mlflow"):
+            try:
+                __import__(module)
+            except ImportError:
+                pass
+        quiet = [n for n in logging.root.manager.loggerDict if n.split(".")[0] in QUIET_LOGGERS]
+        for name_ in sorted(set(quiet) | set(QUIET_LOGGERS)):
+            lg = logging.getLogger(name_)
+            own = [h for h in lg.handlers
+                   if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+            for h in own:
+                h.setLevel(logging.CRITICAL + 1)
+            if own:
+                lg.propagate = True  # their records reach the log file through the root
     logging.captureWarnings(True)
     _install_showwarning(verbose)
     return path
@@ -335,13 +356,15 @@ _orig_showwarning = warnings.showwarning
 
 
 def _install_showwarning(verbose: bool) -> None:
-    root_dir = str(Path(__file__).resolve().parents[1])
+    root_dir = Path(__file__).resolve().parents[1]
+    ours = (str(root_dir / "volvlp_ray") + os.sep, str(root_dir / "jobs") + os.sep)
 
     def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
         text = warnings.formatwarning(message, category, filename, lineno, line).rstrip()
-        if verbose or str(filename).startswith(root_dir):
+        shown = verbose or str(filename).startswith(ours)
+        if shown:
             _emit("warn", text)
-        logging.getLogger("py.warnings").warning("%s", text)
+        logging.getLogger("py.warnings").warning("%s", text, extra=_SHOWN if shown else None)
 
     warnings.showwarning = show
 
@@ -413,7 +436,8 @@ class Relay:
 
     def _step(self, p: dict) -> None:
         if self.bar is None:
-            self.bar = Progress(p.get("total"), p.get("desc", "[train]"), unit="step")
+            self.bar = Progress(p.get("total"), p.get("desc", "[train] step"), unit="")
+            self.bar.__enter__()  # lines printed meanwhile go above a terminal bar
         fields = {k: v for k, v in p.items() if k not in ("step", "total", "desc")}
         self.bar.set(int(p["step"]), **fields)
 
@@ -454,3 +478,31 @@ def step(step_: int, total: int, **fields: Any) -> bool:
         return True
     except Exception:  # noqa: BLE001 - the driver is gone
         return False
+
+
+class _ProjectHandler(logging.Handler):
+    """On the ``volvlp_ray`` logger: the project's warnings and errors logged in a Ray worker (a Ray Data task
+    reading a truncated shard, say) go to the driver's relay; elsewhere, when no handler of the process shows them
+    (no ``setup_logging``), to stderr as Python's last resort would. Lines that ``info``/``warn``/``error`` printed
+    already are skipped."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "volvlp_console", False):
+            return
+        try:
+            text = f"{record.levelname.lower()}: [{record.name}] {record.getMessage()}"
+            if _forward("error" if record.levelno >= logging.ERROR else "warn", text):
+                return
+            if logging.getLogger().handlers:  # the root's handlers show it (setup_logging's, Ray's, pytest's)
+                return
+            sys.stderr.write(text + "\n")
+        except Exception:  # noqa: BLE001 - logging must not raise
+            self.handleError(record)
+
+
+if not any(isinstance(h, _ProjectHandler) for h in log.handlers):
+    log.addHandler(_ProjectHandler())
+

@@ -441,7 +441,10 @@ class _MetricSender:
     def say(self, level: int, msg: str) -> None:
         """A warning or info line: to stdout as ``[mlflow] ...`` (``console``), else to this module's logger."""
         if self.console:
-            print(f"[mlflow] {'warning: ' if level >= logging.WARNING else ''}{msg}", flush=True)
+            from volvlp_ray import console
+
+            (console.warn if level >= logging.WARNING else console.info)(
+                f"[mlflow] {'warning: ' if level >= logging.WARNING else ''}{msg}")
         else:
             _log.log(level, "%s", msg)
 

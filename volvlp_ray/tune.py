@@ -171,7 +171,7 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     base["run_name"] = None
     space = parse_search_space(cfg.sweep.search_space, base)
 
-    ensure_ray(cfg, concurrent_trials=cfg.sweep.max_concurrent or 2)
+    ensure_ray(cfg, concurrent_trials=cfg.sweep.max_concurrent or 2, quiet=False)
     ensure_shards(cfg)
     tokenizer_dir = ensure_tokenizer(cfg)
     concurrency = trial_concurrency(cfg, ray.cluster_resources())

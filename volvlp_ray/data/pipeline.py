@@ -104,13 +104,17 @@ class _ToRow:
         try:
             s = decode_sample(row, None if self.locations is None else self.locations.get(row["__url__"]))
         except DecodeError as exc:
-            log.warning("skipping bad shard sample: %s (shard %s)", exc, row.get("__url__"))
+            from volvlp_ray import console
+
+            console.warn(f"[data] warning: skipping a bad shard sample: {exc} (shard {row.get('__url__')})")
             return []
         vol, meta = s["volume"], s["meta"]
         depth = vol.shape[0]
         pz = self.patch_z
         if depth < pz:
-            log.warning("skipping %s: %d slices, fewer than the z patch %d", s["key"], depth, pz)
+            from volvlp_ray import console
+
+            console.warn(f"[data] warning: skipping {s['key']}: {depth} slices, fewer than the z patch {pz}")
             return []
         sz = float(meta["spacing"][0])
         z0_mm = float(meta.get("z_origin_mm", 0.0))

@@ -23,6 +23,7 @@ import os
 import time
 from typing import Any
 
+from volvlp_ray import console
 from volvlp_ray.config import Config
 from volvlp_ray.data import storage
 from volvlp_ray.data.ctrate import LABELS, SPLITS, read_split
@@ -185,8 +186,8 @@ def prepare_shards(source: str | os.PathLike, out: str | os.PathLike, cfg: Confi
             old = storage.read_json(plan_path)
             if {k: old.get(k) for k in ("options", "source_id", "names")} != {k: plan[k] for k in ("options", "source_id", "names")}:
                 if progress:
-                    print(f"[prepare] {split}: inputs or options changed; rebuilding {storage.redact(split_dir)}",
-                          flush=True)
+                    console.info(f"[prepare] {split}: inputs or options changed; rebuilding "
+                                 f"{storage.redact(split_dir)}")
                 storage.delete_dir(split_dir)
             else:
                 plan["per_group"] = per_group = old["per_group"]
@@ -195,20 +196,30 @@ def prepare_shards(source: str | os.PathLike, out: str | os.PathLike, cfg: Confi
         markers = storage.list_dir(storage.child(split_dir, "_groups"))
         todo = [g for g in range(len(groups)) if markers.get(f"group-{g:05d}.json") != "file"]
         if progress:
-            print(f"[prepare] {split}: {len(records)} volumes in {len(groups)} groups, {len(groups) - len(todo)} "
-                  f"already done; converting {len(todo)} with Ray Data", flush=True)
+            console.info(f"[prepare] {split}: {len(records)} volumes in {len(groups)} groups, "
+                         f"{len(groups) - len(todo)} already done; converting {len(todo)} with Ray Data")
         if todo:
             rows = [{"group": g, "records": json.dumps([r.to_dict() for r in groups[g]]),
                      "options": json.dumps(task_opts), "out_dir": split_dir} for g in todo]
+            ray.data.DataContext.get_current().enable_progress_bars = False  # the bar below says it once
             ds = ray.data.from_items(rows, override_num_blocks=len(rows))
             parallelism = cfg.data.prepare_parallelism or None
-            done = ds.map(_process_group, num_cpus=1, concurrency=parallelism, **remote_args).take_all()
-            assert len(done) == len(todo)
+            n_vol = sum(len(groups[g]) for g in todo)
+            done, quarantined = 0, 0
+            bar = console.progress(total=n_vol, desc=f"[prepare] {split}", unit="volumes", plain_lines=4,
+                                   disabled=not progress)
+            with bar:  # a group's volumes count when its task ends (groups finish in any order)
+                for group_done in ds.map(_process_group, num_cpus=1, concurrency=parallelism,
+                                         **remote_args).iter_rows():
+                    done += 1
+                    quarantined += int(group_done["quarantined"])
+                    bar.update(len(groups[int(group_done["group"])]), quarantined=quarantined)
+            assert done == len(todo), (done, len(todo))
         summary[split] = _finalise(split_dir, split, len(groups), problems, opts, sid)
         if progress:
             s = summary[split]
-            print(f"[prepare] {split}: {s['num_samples']} samples in {s['num_shards']} shards, "
-                  f"{s['num_quarantined']} quarantined ({time.time() - t0:.1f}s)", flush=True)
+            console.info(f"[prepare] {split}: {s['num_samples']} samples in {s['num_shards']} shards, "
+                         f"{s['num_quarantined']} quarantined ({time.time() - t0:.1f}s)")
     return summary
 
 

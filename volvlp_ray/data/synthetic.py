@@ -23,6 +23,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from volvlp_ray import console
 from volvlp_ray.data.ctrate import LABELS, csv_paths, volume_relpath
 
 __all__ = ["LABEL_ORGAN", "RENDERED_LABELS", "generate_dataset", "make_case"]
@@ -336,7 +337,7 @@ def generate_dataset(
     want = {"num_train": num_train, "num_valid": num_valid, "seed": seed, "version": 2}
     if stamp.is_file() and json.loads(stamp.read_text()) == want:
         if progress:
-            print(f"[data] synthetic dataset already at {root} ({num_train} train / {num_valid} valid)", flush=True)
+            console.info(f"[data] synthetic dataset already at {root} ({num_train} train / {num_valid} valid)")
         return root
     t0 = time.time()
     root.mkdir(parents=True, exist_ok=True)
@@ -345,11 +346,11 @@ def generate_dataset(
     ]
     cases: list[dict] = []
     workers = processes or min(os.cpu_count() or 1, 4)
-    with ProcessPoolExecutor(workers) as pool:
-        for i, case in enumerate(pool.map(_write_case, jobs, chunksize=4)):
+    with ProcessPoolExecutor(workers) as pool, console.progress(
+            total=len(jobs), desc="[data] synthetic", unit="volumes", plain_lines=4, disabled=not progress) as bar:
+        for case in pool.map(_write_case, jobs, chunksize=4):
             cases.append(case)
-            if progress and ((i + 1) % max(1, len(jobs) // 5) == 0 or i + 1 == len(jobs)):
-                print(f"[data] synthetic volumes {i + 1}/{len(jobs)} ({time.time() - t0:.0f}s)", flush=True)
+            bar.update(1)
     for split in ("train", "valid"):
         rows = [c for c in cases if c["volume_name"].startswith(split + "_")]
         paths = csv_paths(root, split)
@@ -365,7 +366,7 @@ def generate_dataset(
                    [[c["volume_name"], o, round(a, 2), round(b, 2)] for c in rows for o, (a, b) in c["organs"].items()])
     stamp.write_text(json.dumps(want))
     if progress:
-        print(f"[data] synthetic dataset written to {root} in {time.time() - t0:.0f}s", flush=True)
+        console.info(f"[data] synthetic dataset written to {root} in {time.time() - t0:.0f}s")
     return root
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from volvlp_ray import console
 from volvlp_ray.config import Config
 
 __all__ = ["embed_split", "evaluate_embeddings", "evaluate_model", "label_names_of", "prompt_embeddings",
@@ -65,12 +66,12 @@ def ensure_ray() -> None:
 
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
-            ray.init(logging_level=logging.WARNING)
-            print(f"[ray] joined cluster at {os.environ['RAY_ADDRESS']}", flush=True)
+            ray.init(**console.ray_init_kwargs())
+            console.info(f"[ray] joined cluster at {os.environ['RAY_ADDRESS']}")
         else:
             ray.init(address="local", num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False,
-                     logging_level=logging.WARNING)
-            print("[ray] started a local instance", flush=True)
+                     **console.ray_init_kwargs())
+            console.info("[ray] started a local instance")
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -92,7 +93,7 @@ def _embed_directly(model, cfg: Config, split: str, tokenizer_dir: str, n: int,
     v = Validator(cfg, tokenizer_dir, max_volumes=n, split=split)
     vol, txt, _, _ = v.embed(model)
     if progress:
-        print(f"[eval] {progress}: embedded {len(v)}/{n} volumes ({time.time() - t0:.0f}s, read directly)", flush=True)
+        console.info(f"[eval] {progress}: embedded {len(v)}/{n} volumes ({time.time() - t0:.0f}s, read directly)")
     return {"volume": vol.astype(np.float32), "text": txt.astype(np.float32), "labels": v.labels,
             "keys": np.asarray(v.keys)}
 
@@ -133,17 +134,17 @@ def embed_split(
     ds = split_dataset(cfg, split, tokenizer_dir, max_volumes)
     e = cfg.eval
     vols, texts, labels, keys = [], [], [], []
-    t0 = t_print = time.time()
-    for batch in ds.iter_batches(batch_size=e.batch_size, batch_format="numpy"):
-        b = collate(batch, patch_z, tuple(cfg.data.hu_window))
-        vols.append(encode_volumes(model, b["volume"].to(device, dtype), b["depths"].to(device), e.volume_mode,
-                                   e.chunk_depth, e.chunk_stride, e.chunk_pool, e.batch_size).float().cpu())
-        texts.append(model.encode_text(b["input_ids"].to(device), b["attention_mask"].to(device)).float().cpu())
-        labels.append(b["labels"].numpy())
-        keys.extend(str(k) for k in batch["key"])
-        if progress and (time.time() - t_print > 10 or len(keys) >= total):
-            t_print = time.time()
-            print(f"[eval] {progress}: embedded {len(keys)}/{total} volumes ({t_print - t0:.0f}s)", flush=True)
+    bar = console.progress(total=total, desc=f"[eval] {progress}: embedded", unit="volumes", plain_lines=4,
+                           disabled=not progress)
+    with bar:
+        for batch in ds.iter_batches(batch_size=e.batch_size, batch_format="numpy"):
+            b = collate(batch, patch_z, tuple(cfg.data.hu_window))
+            vols.append(encode_volumes(model, b["volume"].to(device, dtype), b["depths"].to(device), e.volume_mode,
+                                       e.chunk_depth, e.chunk_stride, e.chunk_pool, e.batch_size).float().cpu())
+            texts.append(model.encode_text(b["input_ids"].to(device), b["attention_mask"].to(device)).float().cpu())
+            labels.append(b["labels"].numpy())
+            keys.extend(str(k) for k in batch["key"])
+            bar.update(len(batch["key"]))
     if not keys:
         raise ValueError(f"split {split!r} under {cfg.shards_path} gave no usable samples")
     order = np.argsort(keys, kind="stable")  # deterministic order regardless of block scheduling

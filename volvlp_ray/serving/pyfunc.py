@@ -69,7 +69,7 @@ def log_vlp_model(run_id: str, export_dir: str, tracking_uri: str, name: str = "
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per copied file otherwise
     with scoped_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id, nested=False) as run, \
             warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
+        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")  # colour codes first
         info = mlflow.pyfunc.log_model(
             name=name, python_model=str(_ENTRY), artifacts={"export": str(export_dir)},
             pip_requirements=reqs,  # given, not inferred: inference would import and run the model

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from ray.train import UserCallback
 
+from volvlp_ray import console
 from volvlp_ray.config import Config
 
 __all__ = [
@@ -199,8 +200,8 @@ class BadSteps:
             raise NonFiniteTrainingError(self._stop_message(self.record["rollbacks"][-1]["bad_steps"], n - 1,
                                                             again=True))
         if n and rank == 0:
-            print(f"[train] replaying after {n} rollback(s) (train.max_rollbacks={self.max_rollbacks}): the batches "
-                  f"of steps {_steps(sorted(self.replay))} are not trained on", flush=True)
+            console.info(f"[train] replaying after {n} rollback(s) (train.max_rollbacks={self.max_rollbacks}): the "
+                         f"batches of steps {_steps(sorted(self.replay))} are not trained on")
 
     @property
     def rollbacks(self) -> int:
@@ -224,16 +225,16 @@ class BadSteps:
         steps raise :class:`RollbackError` (or :class:`NonFiniteTrainingError` when the rollbacks are used up)."""
         if replayed:
             if self.rank == 0:
-                print(f"[train] step {step}: not trained (replay after a rollback: this step's batch gave non-finite "
-                      "loss/gradients before)", flush=True)
+                console.info(f"[train] step {step}: not trained (replay after a rollback: this step's batch gave "
+                             "non-finite loss/gradients before)")
             return
         if not skipped:
             self.streak = []
             return
         self.streak.append(step)
         if self.rank == 0:
-            print(f"[train] warning: step {step}: non-finite loss/gradients on some rank; update skipped "
-                  f"({len(self.streak)} consecutive)", flush=True)
+            console.warn(f"[train] warning: step {step}: non-finite loss/gradients on some rank; update skipped "
+                         f"({len(self.streak)} consecutive)")
         if self.max_bad == 0 or len(self.streak) < self.max_bad:
             return
         n = self.rollbacks
@@ -252,7 +253,8 @@ class BadSteps:
             error = RollbackError(message)
         self._write(entry)
         if self.rank == 0:
-            print(f"[train] {'error' if entry.get('stopped') else 'rollback'}: {message}", flush=True)
+            (console.error if entry.get("stopped") else console.warn)(
+                f"[train] {'error' if entry.get('stopped') else 'rollback'}: {message}")
         raise error
 
     def _write(self, entry: dict) -> None:

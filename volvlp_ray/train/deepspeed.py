@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from volvlp_ray import console
 from volvlp_ray.config import Config
 
 __all__ = [
@@ -169,8 +170,8 @@ def compile_blocks(model: nn.Module, distinct_lengths: int | None = None, **comp
                                                                needed)
     for blk in blocks:
         blk.compile(**compile_kwargs)
-    print(f"[compile] torch.compile of {len(blocks)} vision blocks, dynamic={dynamic}"
-          + (f" ({distinct_lengths} token counts)" if dynamic is False else "")
-          + f": up to {needed} graphs per block function; torch._dynamo recompile_limit "
-          + (f"raised {old} -> {needed}" if old < needed else f"{old}"), flush=True)
+    console.info(f"[compile] torch.compile of {len(blocks)} vision blocks, dynamic={dynamic}"
+                 + (f" ({distinct_lengths} token counts)" if dynamic is False else "")
+                 + f": up to {needed} graphs per block function; torch._dynamo recompile_limit "
+                 + (f"raised {old} -> {needed}" if old < needed else f"{old}"))
     return len(blocks)

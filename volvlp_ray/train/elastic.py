@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from volvlp_ray import console
 from volvlp_ray.train.checkpoint import WORKER_STATE_DIR, deepspeed_safe_globals
 
 __all__ = [
@@ -179,8 +180,8 @@ def load_resized(engine, ckpt_dir: str, tag: str, zero_stage: int, *, node_rank:
             try:
                 convert_to_universal(os.path.join(ckpt_dir, tag), os.path.join(out, tag))
                 if rank == 0:
-                    print(f"[train] ZeRO-{zero_stage} checkpoint converted to DeepSpeed's universal checkpoint in "
-                          f"{time.perf_counter() - t0:.1f}s (re-partitioned for {world} workers)", flush=True)
+                    console.info(f"[train] ZeRO-{zero_stage} checkpoint converted to DeepSpeed's universal checkpoint "
+                                 f"in {time.perf_counter() - t0:.1f}s (re-partitioned for {world} workers)")
             except Exception as exc:  # every rank learns of it (no one waits forever)
                 error = str(exc)
         errors: list = [None] * world
@@ -262,15 +263,15 @@ def resume_data_position(ckpt_dir: str | os.PathLike, cfg, rank: int, world: int
     start = resized_epoch_start(ckpt_dir, rank, world, saved_world, base=batch) if equal else None
     if start is not None:
         if rank == 0:
-            print(f"[train] data: epoch {epoch} continues on {world} workers (checkpoint of {saved_world}): "
-                  f"{len(start.excluded)} samples trained in it before are left out of its stream, the old "
-                  "pools' rows are dealt to the new workers", flush=True)
+            console.info(f"[train] data: epoch {epoch} continues on {world} workers (checkpoint of {saved_world}): "
+                         f"{len(start.excluded)} samples trained in it before are left out of its stream, the old "
+                         "pools' rows are dealt to the new workers")
         return start, 0
     if rank == 0:
         why = ("data.sampler=bucket" if not equal else
                "the checkpoint has no record of the samples trained in it (written before elastic resume existed)")
-        print(f"[train] warning: epoch {epoch} restarts from its beginning on {world} workers (checkpoint of "
-              f"{saved_world}; {why}): the samples of its first {batch} batches are trained again", flush=True)
+        console.warn(f"[train] warning: epoch {epoch} restarts from its beginning on {world} workers (checkpoint of "
+                     f"{saved_world}; {why}): the samples of its first {batch} batches are trained again")
     carry: list = []
     if equal:  # the epoch's first pools: every old rank's carry, dealt
         for r in range(saved_world):

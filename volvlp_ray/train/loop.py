@@ -99,7 +99,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from volvlp_ray.train.elastic import TrainedKeys
     from volvlp_ray.train.producer import BatchProducer, adopt
 
+    from volvlp_ray import console
+
     cfg: Config = config_from_dict(loop_config["config"])
+    if loop_config.get("console") is not None:  # the driver's relay: this worker's lines reach its console
+        console.attach(loop_config["console"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
@@ -160,8 +164,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 load_path, client_state = engine.load_checkpoint(d, tag=CKPT_TAG)
             else:  # model and optimizer state re-partitioned for this number of workers
                 if rank == 0:
-                    print(f"[train] elastic resume: the checkpoint was written by {saved_world} workers, this run "
-                          f"has {world}", flush=True)
+                    console.info(f"[train] elastic resume: the checkpoint was written by {saved_world} workers, "
+                                 f"this run has {world}")
                 load_path, client_state = load_resized(engine, d, CKPT_TAG, cfg.train.zero_stage, rank=rank,
                                                        node_rank=ctx.get_node_rank(), local_rank=ctx.get_local_rank())
             if load_path is None:
@@ -173,11 +177,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         step = int(client_state["step"])
         start_epoch = int(client_state.get("epoch", 0))
         if worker_state is None and rank == 0:
-            print("[train] warning: the checkpoint has no RNG state for this rank (different world size?); "
-                  "RNG streams start fresh", flush=True)
+            console.warn("[train] warning: the checkpoint has no RNG state for this rank (different world size?); "
+                         "RNG streams start fresh")
         if rank == 0:
-            print(f"[train] resumed from step {step} (epoch {start_epoch}, {int(client_state.get('batch_in_epoch', 0))}"
-                  f" batches into it) from {checkpoint.path}", flush=True)
+            console.info(f"[train] resumed from step {step} (epoch {start_epoch}, "
+                         f"{int(client_state.get('batch_in_epoch', 0))} batches into it) from {checkpoint.path}")
     # non-finite loss/gradients: skipped steps, rollbacks (the steps recorded before one), the final stop
     bad = BadSteps(cfg, rank, loop_config.get("run_dir"), step)
 
@@ -191,7 +195,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         validator = Validator(cfg, loop_config["tokenizer_dir"], rank=rank, world=world,
                               collective_forward=cfg.train.zero_stage == 3, timeout_s=cfg.train.timeout_s)
         if rank == 0:
-            print(f"[train] validation every {cfg.eval.every} steps on {len(validator)} held-out volumes", flush=True)
+            console.info(f"[train] validation every {cfg.eval.every} steps on {len(validator)} held-out volumes")
 
     logger = None
     if rank == 0:
@@ -209,7 +213,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # a finished run started again (a driver rerun, a resumed sweep trial): nothing to train; report the
         # final state once more so that whoever waits on this run (Tune) gets its metrics
         if rank == 0:
-            print(f"[train] the run already reached step {step}; nothing to train", flush=True)
+            console.info(f"[train] the run already reached step {step}; nothing to train")
         val = validator.run(engine.module) if validator is not None else {}
         ray.train.report({"step": step, "epoch": start_epoch, **val})
         _close(logger)
@@ -247,10 +251,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 metrics = window.metrics(loss, world, scheduler, engine.module, cfg, b.epoch, engine.skipped_steps)
                 if logger:
                     logger.log(metrics, step)
-                    pair_txt = f" (pair {metrics['train/pair_loss']:.3f})" if "train/pair_loss" in metrics else ""
-                    print(f"[train] step {step}/{cfg.train.steps} loss {metrics['train/loss']:.4f}{pair_txt} "
-                          f"lr {metrics['train/lr']:.2e} scale {metrics['train/logit_scale']:.1f} "
-                          f"{metrics['train/samples_per_s']:.1f} samples/s", flush=True)
+                    fields = {"loss": round(metrics["train/loss"], 4), "lr": f"{metrics['train/lr']:.2e}",
+                              "samples/s": round(metrics["train/samples_per_s"], 1)}
+                    if "train/pair_loss" in metrics:
+                        fields["pair"] = round(metrics["train/pair_loss"], 3)
+                    relayed = console.step(step, cfg.train.steps, **fields)  # the driver's training bar
+                    if not relayed or console.is_verbose():  # else a line here (Ray forwards it with --verbose)
+                        pair_txt = f" (pair {metrics['train/pair_loss']:.3f})" if "train/pair_loss" in metrics else ""
+                        print(f"[train] step {step}/{cfg.train.steps} loss {metrics['train/loss']:.4f}{pair_txt} "
+                              f"lr {metrics['train/lr']:.2e} scale {metrics['train/logit_scale']:.1f} "
+                              f"{metrics['train/samples_per_s']:.1f} samples/s", flush=True)
             val: dict[str, float] = {}
             # validation also at checkpoints, so that every report to Ray Train (and Tune) carries the metrics
             if validator is not None and (step % cfg.eval.every == 0 or step % cfg.train.checkpoint_every == 0
@@ -258,8 +268,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 val = validator.run(engine.module)
                 if logger:
                     logger.log(val, step)
-                    print(f"[val] step {step}: t2v MRR {val['val/t2v/mrr']:.3f}, zero-shot mean AUROC "
-                          f"{val['val/zeroshot/mean/auroc']:.3f} ({val['val/seconds']:.1f}s)", flush=True)
+                    console.info(f"[val] step {step}: t2v MRR {val['val/t2v/mrr']:.3f}, zero-shot mean AUROC "
+                                 f"{val['val/zeroshot/mean/auroc']:.3f} ({val['val/seconds']:.1f}s)")
             if step % cfg.train.checkpoint_every == 0 or final:
                 _save_and_report(engine, cfg, step, float(loss), rank, final, tokenizer, epoch=b.epoch,
                                  batch_in_epoch=b.batch_in_epoch, carry=b.carry, trained=trained.keys, world=world,

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from volvlp_ray import console
 from volvlp_ray.config import Config, config_to_dict
 
 __all__ = ["ClusterTooSmallError", "ensure_ray", "ensure_shards", "ensure_tokenizer", "fit_cluster", "plan_worker_cpus",
@@ -23,24 +24,28 @@ __all__ = ["ClusterTooSmallError", "ensure_ray", "ensure_shards", "ensure_tokeni
 log = logging.getLogger(__name__)
 
 
-def ensure_ray(cfg: Config, concurrent_trials: int = 1) -> None:
+def ensure_ray(cfg: Config, concurrent_trials: int = 1, quiet: bool = True) -> None:
     """Join the cluster at ``$RAY_ADDRESS`` if set, else start a local Ray instance sized for
-    ``concurrent_trials`` training runs at once (a sweep)."""
+    ``concurrent_trials`` training runs at once (a sweep). ``quiet``: the workers' own output stays in Ray's log
+    files unless ``--verbose`` (``console.ray_init_kwargs``); a sweep, whose trials have no console relay, passes
+    False."""
     import ray
 
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=logging.WARNING)
-        print(f"[ray] joined cluster at {os.environ['RAY_ADDRESS']}: {ray.cluster_resources()}", flush=True)
+        ray.init(**console.ray_init_kwargs(quiet))
+        console.info(f"[ray] joined cluster at {os.environ['RAY_ADDRESS']}: {ray.cluster_resources()}")
         return
     # Logical CPUs: the training workers hold theirs for the whole run, and Ray Data's read/decode tasks
     # need CPUs of their own beside them, so a small machine gets headroom over its core count.
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker * concurrent_trials
     num_cpus = max(os.cpu_count() or 1, need) + max(2, need, cfg.scaling.data_cpus * concurrent_trials)
     # the dashboard process serves the state API that Ray Train's controller polls
-    start_local_ray(num_cpus=num_cpus, include_dashboard=True, logging_level=logging.WARNING)
-    print(f"[ray] started a local instance with {num_cpus} logical CPUs", flush=True)
+    # workers' own output (Ray's, DeepSpeed's logs) stays in Ray's log files unless --verbose; the project's lines
+    # from workers reach the console through the job's relay (console.Relay)
+    start_local_ray(num_cpus=num_cpus, include_dashboard=True, **console.ray_init_kwargs(quiet))
+    console.info(f"[ray] started a local instance with {num_cpus} logical CPUs")
 
 
 class ClusterTooSmallError(RuntimeError):
@@ -157,15 +162,15 @@ def fit_cluster(cfg: Config, quiet: bool = False) -> float:
     if quiet:
         return cpus
     if line:
-        print(line, flush=True)
+        console.info(line)
     free = ray.available_resources()
     n = cfg.scaling.num_workers
     want = {"CPU": n * cpus + cfg.scaling.data_cpus, **({"GPU": n} if cfg.scaling.use_gpu else {})}
     short = {k: v for k, v in want.items() if free.get(k, 0) + 1e-9 < v}
     if short and not line:
-        print(f"[train] the cluster holds enough, but only {', '.join(f'{free.get(k, 0):g} {k}' for k in short)} "
-              f"of it free now (other jobs hold the rest): the workers wait for it (Ray Train retries the start every "
-              "60 s)", flush=True)
+        console.warn(f"[train] the cluster holds enough, but only {', '.join(f'{free.get(k, 0):g} {k}' for k in short)}"
+                     f" of it free now (other jobs hold the rest): the workers wait for it (Ray Train retries the start "
+                     "every 60 s)")
     return cpus
 
 
@@ -226,7 +231,7 @@ def ensure_shards(cfg: Config) -> str:
         source = str(generate_dataset(cfg.workspace_path / "data" / "synthetic", cfg.data.num_volumes,
                                       cfg.data.num_val_volumes, seed=cfg.seed))
     if shards_ready(cfg.shards_path, prepare_options(cfg), source_id(source)):
-        print(f"[data] shards ready at {cfg.shards_path}", flush=True)
+        console.info(f"[data] shards ready at {cfg.shards_path}")
     else:
         prepare_shards(source, cfg.shards_path, cfg)
     return source
@@ -256,7 +261,7 @@ def ensure_tokenizer(cfg: Config) -> str:
         tmp = root / f".{key}.tmp"
         tok.save_pretrained(str(tmp))
         os.replace(tmp, out)
-        print(f"[data] tokenizer built from {len(corpus)} reports: {len(tok)} tokens -> {out}", flush=True)
+        console.info(f"[data] tokenizer built from {len(corpus)} reports: {len(tok)} tokens -> {out}")
     return str(out)
 
 
@@ -282,9 +287,10 @@ def default_run_name(cfg: Config) -> str:
 
 
 def build_trainer(cfg: Config, run_name: str, tokenizer_dir: str, tracking_uri: str, run_id: str,
-                  callbacks: list | None = None, storage: str | None = None):
+                  callbacks: list | None = None, storage: str | None = None, relay=None):
     """The TorchTrainer of one training run; ``storage``: where Ray Train keeps the run (default
-    ``{workspace}/ray_results``); ``callbacks``: Ray Train callbacks (a sweep passes Tune's)."""
+    ``{workspace}/ray_results``); ``callbacks``: Ray Train callbacks (a sweep passes Tune's); ``relay``: the
+    driver's console relay (``console.Relay().handle``), which the workers' lines and rank 0's steps go to."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -301,8 +307,8 @@ def build_trainer(cfg: Config, run_name: str, tokenizer_dir: str, tracking_uri: 
     env = {"env_vars": {
         "OMP_NUM_THREADS": str(cfg.scaling.cpus_per_worker),
         "TOKENIZERS_PARALLELISM": "false",
-        # rank 0's progress lines go to stdout, which Ray forwards to the driver (Train's print patch would
-        # route them to a logger that the driver does not show)
+        # the project's lines go through the relay (or, without one, to stdout, which Ray forwards with
+        # --verbose; Train's print patch would route them to a logger that the driver does not show)
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     }}
     if not cfg.scaling.use_gpu:
@@ -327,7 +333,8 @@ def build_trainer(cfg: Config, run_name: str, tokenizer_dir: str, tracking_uri: 
         train_loop_per_worker,
         train_loop_config={"config": config_to_dict(cfg), "tokenizer_dir": tokenizer_dir,
                            "tracking_uri": tracking_uri, "run_id": run_id,
-                           "run_dir": run_dir},  # bad_steps.json: rollbacks (badsteps.py)
+                           "run_dir": run_dir,  # bad_steps.json: rollbacks (badsteps.py)
+                           "console": relay},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo", timeout_s=train_timeouts(cfg)),
         # checked against the cluster now: a run that cannot be placed fails here, not after an endless wait
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
@@ -355,28 +362,34 @@ def run_pretraining(cfg: Config) -> dict[str, Any]:
                                      unsent_metrics_path)
 
     t0 = time.time()
+    if not cfg.scaling.use_gpu:  # this driver uses no accelerator: DeepSpeed (imported with transformers) need not
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # detect one and print that it found none
+    run_name = cfg.run_name or default_run_name(cfg)
+    # Ray's, DeepSpeed's, MLflow's own log records: to this file (and the console only with --verbose)
+    log_path = console.setup_logging(cfg.workspace_path / "logs", run_name)
     ensure_ray(cfg)
+    console.setup_logging(cfg.workspace_path / "logs", run_name)  # again: Ray Data set up its handlers on import
     fit_cluster(cfg, quiet=True)  # a cluster too small for the run fails now, before any data is prepared
     ensure_shards(cfg)
     tokenizer_dir = ensure_tokenizer(cfg)
-    run_name = cfg.run_name or default_run_name(cfg)
     cfg.run_name = run_name  # the export's config then names its run (jobs/evaluate.py finds the MLflow run)
     tracking_uri = resolve_tracking_uri(cfg)
     run_id = start_run(cfg, run_name)
-    print(f"[mlflow] run {run_name} ({run_id}) at {tracking_uri}", flush=True)
+    console.info(f"[mlflow] run {run_name} ({run_id}) at {tracking_uri}")
     try:
-        trainer = build_trainer(cfg, run_name, tokenizer_dir, tracking_uri, run_id)
-        print(f"[train] {cfg.scaling.num_workers} workers, {cfg.train.steps} steps, global batch "
-              f"{cfg.train.batch_size * cfg.scaling.num_workers}, ZeRO-{cfg.train.zero_stage}, {cfg.loss.kind} loss",
-              flush=True)
-        t_fit = time.time()
-        result = trainer.fit()
-        fit_s = time.time() - t_fit
+        with console.Relay() as relay:
+            trainer = build_trainer(cfg, run_name, tokenizer_dir, tracking_uri, run_id, relay=relay.handle)
+            console.info(f"[train] {cfg.scaling.num_workers} workers, {cfg.train.steps} steps, global batch "
+                         f"{cfg.train.batch_size * cfg.scaling.num_workers}, ZeRO-{cfg.train.zero_stage}, "
+                         f"{cfg.loss.kind} loss")
+            t_fit = time.time()
+            result = trainer.fit()
+            fit_s = time.time() - t_fit
         if result.error:
             raise result.error
         ckpt_dir = result.checkpoint.path
         export_dir = local_export(result.checkpoint)
-        print(f"[train] done in {fit_s:.0f}s; checkpoint {ckpt_dir}", flush=True)
+        console.info(f"[train] done in {fit_s:.0f}s; checkpoint {ckpt_dir}")
         if not os.path.isfile(os.path.join(export_dir, "vlp_config.json")):
             raise RuntimeError(f"the final checkpoint {ckpt_dir} has no export/ (was the run stopped before its "
                                "last step?)")
@@ -388,8 +401,6 @@ def run_pretraining(cfg: Config) -> dict[str, Any]:
         if cfg.eval.at_end:
             metrics = evaluate_export(cfg, export_dir, tokenizer_dir, post)
         model_uri = post.model(export_dir)
-        print(f"[mlflow] model {model_uri or 'not logged yet'}{' (mlflow.pyfunc.load_model)' if model_uri else ''}; "
-              f"export folder {export_dir} (volvlp_ray.VLP.from_pretrained)", flush=True)
         post.metrics({"job/seconds": time.time() - t0}, cfg.train.steps, what="job/seconds")
         post.terminate("FINISHED")
         unsent = post.report(f"Training, checkpoint and export are complete: {ckpt_dir}")
@@ -397,8 +408,24 @@ def run_pretraining(cfg: Config) -> dict[str, Any]:
         set_run_status(tracking_uri, run_id, "FAILED")  # one fail-fast try: the job's own error is what matters
         raise
     note = " (incomplete: see the [mlflow] error above)" if unsent else ""
-    print(f"[job] finished in {time.time() - t0:.0f}s; MLflow run {run_id}{note}; "
-          f"view with: mlflow ui --backend-store-uri {tracking_uri}", flush=True)
+    job_s = time.time() - t0
+    console.info(f"[job] finished in {job_s:.0f}s; MLflow run {run_id}{note}")
+    held_out = None
+    if metrics:
+        held_out = (f"t2v R@10 {metrics.get('eval/t2v/recall_at_10', float('nan')):.3f}, v2t R@10 "
+                    f"{metrics.get('eval/v2t/recall_at_10', float('nan')):.3f}, zero-shot mean AUROC "
+                    f"{metrics.get('eval/zeroshot/mean/auroc', float('nan')):.3f} ({int(metrics['eval/n'])} volumes)")
+    console.summary("pre-training done", [
+        ("run", f"{run_name} (MLflow run {run_id}){note}"),
+        ("MLflow UI", f"mlflow ui --backend-store-uri {tracking_uri}"),
+        ("time", f"{job_s:.0f} s (training {fit_s:.0f} s)"),
+        ("held-out", held_out),
+        ("checkpoint", ckpt_dir),
+        ("model", f"{model_uri} (mlflow.pyfunc.load_model)" if model_uri else "not logged yet (see above)"),
+        ("export", f"{export_dir} (volvlp_ray.VLP.from_pretrained)"),
+        ("logs", f"{log_path} (driver); {_ray_log_dir()} (Ray workers)"
+                 + ("" if console.is_verbose() else "; --verbose shows them here")),
+    ])
     return {"run_name": run_name, "run_id": run_id, "checkpoint": ckpt_dir, "export": export_dir,
             "tracking_uri": tracking_uri, "metrics": metrics, "mlflow_unsent": str(post.path) if unsent else None}
 
@@ -415,9 +442,9 @@ def evaluate_export(cfg: Config, export_dir: str, tokenizer_dir: str, post) -> d
         post.artifacts(res["plots"], "plots", what=f"{len(res['plots'])} evaluation plots")
     m = res["metrics"]
     if post.metrics(m, cfg.train.steps, sentinel="eval/n", what=f"{len(m)} held-out metrics (eval/...)") is False:
-        print(f"[eval] run {post.run_id} already has held-out metrics at step {cfg.train.steps}: not logged again",
-              flush=True)
-    print(_summary(m), flush=True)
+        console.info(f"[eval] run {post.run_id} already has held-out metrics at step {cfg.train.steps}: not logged "
+                     "again")
+    console.info(_summary(m))
     return m
 
 
@@ -429,9 +456,22 @@ def _summary(m: dict[str, float]) -> str:
         ks = sorted(int(k.rsplit("_", 1)[1]) for k in m if k.startswith(f"eval/{d}/recall_at_") and "random" not in k)
         lines.append(f"[eval] {d}: " + "  ".join(
             f"R@{k} {m[f'eval/{d}/recall_at_{k}']:.3f} (random {m[f'eval/{d}/recall_at_{k}_random']:.3f})" for k in ks))
-    lines.append(f"[eval] zero-shot mean AUROC {m.get('eval/zeroshot/mean/auroc', float('nan')):.3f}")
+    lines.append(f"[eval] zero-shot mean AUROC {m.get('eval/zeroshot/mean/auroc', float('nan')):.3f}; per label:")
+    cells = []
     for label in LABELS:
         key = "eval/zeroshot/per_label/" + "".join(c if c.isalnum() or c in "-_./ " else "_" for c in label) + "/auroc"
         if key in m:
-            lines.append(f"[eval]   {label:36s} AUROC {m[key]:.3f}")
+            cells.append(f"{label[:30]:30s} {m[key]:.3f}")
+    for i in range(0, len(cells), 3):  # three to a line: the whole table at a glance
+        lines.append("[eval]   " + "   ".join(cells[i:i + 3]))
     return "\n".join(lines)
+
+
+def _ray_log_dir() -> str | None:
+    """Where this Ray session keeps its processes' logs (the workers' output when not --verbose)."""
+    try:
+        import ray
+
+        return os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+    except Exception:  # noqa: BLE001 - a cluster's driver may not know; Ray's docs say where
+        return "the Ray session's logs folder (/tmp/ray/session_latest/logs on each node)"
