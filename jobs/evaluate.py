@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from volvlp_ray.config import ConfigError
+from volvlp_ray.config import ConfigError, add_verbose_flag, apply_verbose_flag
 from volvlp_ray.eval.checkpoint import CheckpointError
 from volvlp_ray.eval.job import run_evaluation
 
@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="YAML file: a partial config tree (over the run's config)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.volume_mode=sliding workspace=ws")
+    add_verbose_flag(parser)
     args = parser.parse_intermixed_args(argv)  # key=value overrides may come before, between or after the flags
+    apply_verbose_flag(args)
     try:
         run_evaluation(args.checkpoint, data=args.data, split=args.split, out=args.out, config_file=args.config,
                        overrides=args.overrides, mlflow=not args.no_mlflow)

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from volvlp_ray import console
 from volvlp_ray.config import Config, ConfigError, config_from_dict, parse_override
 from volvlp_ray.data import storage
 from volvlp_ray.eval.checkpoint import CheckpointRef, resolve_checkpoint, run_config_of
@@ -220,20 +221,21 @@ def run_evaluation(
     t0 = time.time()
     overrides = list(overrides or [])
     pre, user = build_eval_config(None, config_file, overrides)  # the workspace that `latest` looks in
+    # Ray's and the libraries' own records: to this file (the console only with --verbose)
+    log_path = console.setup_logging(pre.workspace_path / "logs", f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}")
     ref = resolve_checkpoint(checkpoint, pre.workspace_path)
-    print(f"[eval] checkpoint: {ref.export_dir} ({ref.kind}; run {ref.run_name or 'unknown'}, "
-          f"step {ref.step if ref.step is not None else 'unknown'})", flush=True)
+    console.info(f"[eval] checkpoint: {ref.export_dir} ({ref.kind}; run {ref.run_name or 'unknown'}, "
+                 f"step {ref.step if ref.step is not None else 'unknown'})")
     run_config = run_config_of(ref.export_dir)
     if run_config is None:
-        print("[eval] the export has no run config: data options (HU window, text length) are the defaults",
-              flush=True)
+        console.warn("[eval] warning: the export has no run config: data options (HU window, text length) are the "
+                     "defaults")
     cfg, user = build_eval_config(run_config, config_file, overrides)
     n_boot = cfg.eval.n_bootstrap if "n_bootstrap" in user.get("eval", {}) else DEFAULT_JOB_BOOTSTRAP
     cfg, split, name = resolve_data(cfg, data, split)
     prefix = f"evaluate/{name}/"
-    print(f"[eval] data: split {split!r} of {cfg.shards_path}; volumes embedded "
-          f"{'whole' if cfg.eval.volume_mode == 'whole' else f'in sliding chunks of {cfg.eval.chunk_depth} slices every {cfg.eval.chunk_stride}, {cfg.eval.chunk_pool}-pooled'}",
-          flush=True)
+    console.info(f"[eval] data: split {split!r} of {cfg.shards_path}; volumes embedded "
+                 f"{'whole' if cfg.eval.volume_mode == 'whole' else f'in sliding chunks of {cfg.eval.chunk_depth} slices every {cfg.eval.chunk_stride}, {cfg.eval.chunk_pool}-pooled'}")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = VLP.from_pretrained(ref.export_dir, map_location=device)
@@ -246,15 +248,15 @@ def run_evaluation(
             probe_note = "the evaluated split is the training split"
         elif storage.is_file(storage.child(train_split_dir, "manifest.json")):
             limit = cfg.eval.probe_train_volumes
-            print(f"[eval] linear probe: embedding {'all' if not limit else f'at most {limit}'} training volumes "
-                  f"of {train_split_dir}", flush=True)
+            console.info(f"[eval] linear probe: embedding {'all' if not limit else f'at most {limit}'} training "
+                         f"volumes of {train_split_dir}")
             train_emb = embed_split(model, cfg, "train", tokenizer_dir, max_volumes=limit, progress="train split")
         else:
             probe_note = f"no training split at {train_split_dir}"
     else:
         probe_note = "eval.probe=false"
     if probe_note:
-        print(f"[eval] linear probe skipped: {probe_note}", flush=True)
+        console.info(f"[eval] linear probe skipped: {probe_note}")
 
     with tempfile.TemporaryDirectory(prefix="volvlp-eval-") as tmp:
         plots_dir = os.path.join(tmp, "plots")
@@ -272,20 +274,32 @@ def run_evaluation(
             "metrics": res["metrics"],
             "seconds": time.time() - t0,
         }
-        print(_summary(report, prefix), flush=True)
+        console.info(_summary(report, prefix))
         json_path = os.path.join(tmp, "metrics.json")
         Path(json_path).write_text(_to_json(report))
         if mlflow:
             where = _log_to_mlflow(cfg, ref, res["metrics"], res["plots"], json_path, name)
             report["mlflow"] = where
-            print(f"[eval] MLflow: {len(res['metrics'])} metrics and {len(res['plots'])} plots logged to "
-                  f"{where['logged_to']} {where['run_id']} at {where['tracking_uri']}", flush=True)
+            console.info(f"[eval] MLflow: {len(res['metrics'])} metrics and {len(res['plots'])} plots logged to "
+                         f"{where['logged_to']} {where['run_id']} at {where['tracking_uri']}")
     if out:
         out_path = Path(out).expanduser().absolute()
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(_to_json(report))
-        print(f"[eval] JSON report: {out_path}", flush=True)
-    print(f"[eval] done in {time.time() - t0:.0f}s", flush=True)
+        console.info(f"[eval] JSON report: {out_path}")
+    console.info(f"[eval] done in {time.time() - t0:.0f}s")
+    zs = report.get("zeroshot", {}).get("mean", {})
+    r = report["retrieval"]
+    console.summary("evaluation done", [
+        ("model", f"{ref.export_dir} (run {ref.run_name or 'unknown'}, step {ref.step if ref.step is not None else '?'})"),
+        ("data", f"{name}: {report['n']} volumes"),
+        ("retrieval", f"report->volume MRR {r['t2v/mrr']:.3f}, volume->report MRR {r['v2t/mrr']:.3f}"),
+        ("zero-shot", f"mean AUROC {zs['auroc']:.3f} (95% CI {zs['auroc_ci_low']:.3f}-{zs['auroc_ci_high']:.3f})"
+                      if zs else None),
+        ("MLflow", f"{report['mlflow']['logged_to']} {report['mlflow']['run_id']}" if "mlflow" in report else None),
+        ("JSON", str(Path(out).expanduser().absolute()) if out else None),
+        ("logs", log_path),
+    ])
     return report
 
 
