@@ -21,10 +21,11 @@ import json
 import os
 import re
 import sys
+import time
 import warnings
 
 from volvlp_ray import console
-from volvlp_ray.config import ConfigError
+from volvlp_ray.config import ConfigError, add_verbose_flag, apply_verbose_flag
 from volvlp_ray.eval.checkpoint import CheckpointError
 
 # MLflow warns (type hints of the pyfunc model's predict) when volvlp_ray.serving is imported, under its own
@@ -59,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=5, help="--query: how many volumes to list (default 5)")
     parser.add_argument("items", nargs="*", help="SCAN files/folders and dotted overrides (workspace=DIR, "
                         "eval.volume_mode=sliding, ...)")
-    args = parser.parse_intermixed_args(argv)
+    add_verbose_flag(parser)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides and scans may come before or after the flags
+    apply_verbose_flag(args)
     overrides = [i for i in args.items if _OVERRIDE.match(i) and not os.path.exists(i)]
     scans = [i for i in args.items if i not in overrides]
     try:
@@ -96,7 +99,8 @@ def _batch(args, overrides: list[str]) -> int:
     pre, _ = build_eval_config(None, None, overrides)
     import ray.data  # noqa: F401 - before the log set-up: Ray Data installs its console handlers on import
 
-    console.setup_logging(pre.workspace_path / "logs", "embed")
+    log = console.setup_logging(pre.workspace_path / "logs", f"embed-{time.strftime('%Y%m%d-%H%M%S')}")
+    console.info(f"[embed] library logs: {log}")
     summary = embed_dataset(args.model, args.data, args.out, split=args.split, overrides=overrides,
                             concurrency=args.concurrency, batch_size=args.batch_size,
                             cpus_per_actor=args.cpus_per_actor, threads=args.threads, limit=args.limit)
