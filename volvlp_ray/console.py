@@ -35,6 +35,11 @@ __all__ = ["Progress", "Relay", "attach", "attached", "step", "error", "ray_init
 
 log = logging.getLogger("volvlp_ray")
 _SHOWN = {"volvlp_console": True}  # marks records whose text info/warn/error put on the console already
+# the console's own lines, for the log file only: no other handler (a Ray worker's root handler, pytest's) prints
+# them a second time
+_lines = logging.getLogger("volvlp_ray.console.lines")
+_lines.propagate = False
+_lines.addHandler(logging.NullHandler())
 
 VERBOSE_ENV = "VOLVLP_VERBOSE"
 #: libraries whose log records go to the log file only (the console, with --verbose)
@@ -113,7 +118,7 @@ def _lookup_relay():
 
 def info(text: str) -> None:
     """A progress or result line (stdout; from a Ray worker, the driver's stdout)."""
-    log.info("%s", text, extra=_SHOWN)
+    _lines.info("%s", text, extra=_SHOWN)
     if not _forward("info", text):
         _emit("info", text)
 
@@ -122,7 +127,7 @@ def warn(text: str) -> None:
     """A warning (stderr; from a Ray worker, the driver's stderr). ``warning:`` is added unless present."""
     if "warning" not in text.lower():
         text = f"warning: {text}"
-    log.warning("%s", text, extra=_SHOWN)
+    _lines.warning("%s", text, extra=_SHOWN)
     if not _forward("warn", text):
         _emit("warn", text)
 
@@ -130,7 +135,7 @@ def warn(text: str) -> None:
 def error(text: str) -> None:
     if "error" not in text.lower():
         text = f"error: {text}"
-    log.error("%s", text, extra=_SHOWN)
+    _lines.error("%s", text, extra=_SHOWN)
     if not _forward("error", text):
         _emit("error", text)
 
@@ -312,11 +317,15 @@ def setup_logging(log_dir: str | os.PathLike | None, name: str, verbose: bool | 
                 if getattr(h, "_volvlp", False) and isinstance(h, logging.FileHandler):
                     root.removeHandler(h)
                     h.close()
+            for h in list(_lines.handlers):
+                if getattr(h, "_volvlp", False):
+                    _lines.removeHandler(h)
             fh = logging.FileHandler(path)
             fh._volvlp = True  # type: ignore[attr-defined]
             fh.setLevel(logging.INFO)
             fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
             root.addHandler(fh)
+            _lines.addHandler(fh)
             _log_path = path
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
@@ -371,6 +380,9 @@ def _install_showwarning(verbose: bool) -> None:
 
 # ------------------------------------------------------------------------------------------------------
 # the relay: workers -> driver
+
+
+_LEVELS = {"info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
 
 
 class _RelayActor:
@@ -432,6 +444,7 @@ class Relay:
             if kind == "step":
                 self._step(payload)
             else:
+                _lines.log(_LEVELS.get(kind, logging.INFO), "%s", payload, extra=_SHOWN)  # the driver's log file
                 _emit(kind, payload)
 
     def _step(self, p: dict) -> None:
