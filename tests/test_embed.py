@@ -413,6 +413,10 @@ def test_batch_job_restarts_without_duplicates(capsys, parquet, workspace, tmp_p
     rc, _, err = run(capsys, "--model", "latest", "--data", str(tmp_path), "--out", str(tmp_path / "x.parquet"),
                      f"workspace={workspace}")
     assert rc == 2 and "neither shards" in err and "CT-RATE-layout" in err
+    # CPU actors that would hold every CPU (the read tasks would never run): refused, not a hang
+    rc, _, err = run(capsys, "--model", "latest", "--data", str(workspace / "shards"), "--out",
+                     str(tmp_path / "y.parquet"), "--concurrency", "64", f"workspace={workspace}")
+    assert rc == 2 and "lower --concurrency or --cpus-per-actor" in err
 
 
 @pytest.mark.slow

@@ -410,17 +410,18 @@ def _run(ref, cfg: Config, source: DataSource, out: str, concurrency: int, cpus_
     console.info(f"[embed] model: {ref.export_dir} ({ref.kind}; run {ref.run_name or 'unknown'})")
     console.info(f"[embed] data: {source.describe()}; output: {storage.redact(out)}"
                  + (f" ({len(done)} volume(s) already there: skipped)" if done else ""))
-    storage.write_json(storage.child(out, MANIFEST), {**manifest, "complete": False})
-
     ensure_ray()
     import ray
     import ray.data
 
+    gpus = ray.cluster_resources().get("GPU", 0) >= 1  # the actors' machines, not necessarily the driver's
+    if not gpus:
+        _check_cpus(ray.cluster_resources().get("CPU", 0), concurrency, cpus_per_actor)
+    storage.write_json(storage.child(out, MANIFEST), {**manifest, "complete": False})
     ds, todo, unusable = _dataset(source, cfg, ref, done, settings, patch_z)
     limited = 0 < limit < todo
     if limited:
         ds, todo = ds.limit(limit), limit
-    gpus = ray.cluster_resources().get("GPU", 0) >= 1  # the actors' machines, not necessarily the driver's
     device = "cuda" if gpus else "cpu"
     resources = {"num_gpus": 1} if gpus else {"num_cpus": cpus_per_actor}
     n_threads = threads if threads > 0 else (0 if gpus else max(1, int(round(cpus_per_actor))))
@@ -468,6 +469,21 @@ def _run(ref, cfg: Config, source: DataSource, out: str, concurrency: int, cpus_
                               ("already there", len(done) or None), ("skipped", skipped or None),
                               ("read with", "pd.read_parquet(folder)")])
     return summary
+
+
+def _check_cpus(cpus: float, concurrency: int, cpus_per_actor: float) -> None:
+    """CPU-only actors must leave a CPU to Ray Data's read (and preprocessing) tasks, or the job waits forever:
+    a clear error on a cluster that cannot grow (no ``$RAY_ADDRESS``: the local instance), a warning otherwise
+    (an autoscaler may add nodes)."""
+    left = cpus - max(1, concurrency) * cpus_per_actor
+    if left >= 1:
+        return
+    msg = (f"{max(1, concurrency)} model actor(s) x {cpus_per_actor:g} CPU leave {max(0.0, left):g} of the cluster's "
+           f"{cpus:g} CPUs to the read tasks, which need at least 1: lower --concurrency or --cpus-per-actor")
+    if os.environ.get("RAY_ADDRESS"):
+        console.warn(f"[embed] {msg} (the job waits until the cluster grows)")
+    else:
+        raise BatchError(msg)
 
 
 def _dataset(source: DataSource, cfg: Config, ref, done: set[tuple[str, str]], settings: dict, patch_z: int):
