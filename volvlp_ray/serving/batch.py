@@ -366,7 +366,8 @@ def embed_dataset(
     if is_mlflow_uri(model):
         download = pre.workspace_path / ".embed-models" / uuid.uuid4().hex[:12]
     try:
-        ref = resolve_model(model, pre.workspace_path, download_dir=download)
+        ref = resolve_model(model, pre.workspace_path, download_dir=download,
+                            tracking_uri=pre.tracking.tracking_uri or None)
         from volvlp_ray.eval.checkpoint import run_config_of
 
         cfg = embed_config(run_config_of(ref.export_dir), overrides)
@@ -566,7 +567,8 @@ def query_embeddings(model: str, parquet: str, text: str, top: int = 5, override
         raise BatchError(f"{parquet} holds no volumes" + (f" of split {split!r}" if split else ""))
     pre, _ = build_eval_config(None, None, list(overrides))
     with tempfile.TemporaryDirectory(prefix="volvlp-model-") as tmp:
-        ref = resolve_model(model, pre.workspace_path, download_dir=tmp if is_mlflow_uri(model) else None)
+        ref = resolve_model(model, pre.workspace_path, download_dir=tmp if is_mlflow_uri(model) else None,
+                            tracking_uri=pre.tracking.tracking_uri or None)
         m = load_model(ref)
         q = m.embed_report(text).float().cpu().numpy().astype(np.float64)
     v = np.stack([np.asarray(e, dtype=np.float64) for e in df["volume_embedding"]])

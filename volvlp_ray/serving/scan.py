@@ -550,7 +550,7 @@ def format_table(result: dict[str, Any]) -> str:
     t = result["prompts"]
     lines = [f"zero-shot p(present): prompts {t[0]!r} / {t[1]!r}, logit scale {result['logit_scale']:.3g}",
              "label".ljust(label_w) + "".join(f"  {_column_name(s['scan'], width):>{width}}" for s in scans)]
-    for j, name in enumerate(result["label_names"]):
+    for name in result["label_names"]:
         lines.append(name.ljust(label_w) + "".join(f"  {s['probabilities'][name]:>{width}.3f}" for s in scans))
     if "report_similarity" in scans[0]:
         lines.append("report similarity (cosine)".ljust(label_w)
@@ -587,7 +587,8 @@ def embed_scans(
         raise ConfigError("--report is empty: give the report text to compare the scans with")
     pre, _ = build_eval_config(None, None, list(overrides))
     with tempfile.TemporaryDirectory(prefix="volvlp-model-") as tmp:
-        ref = resolve_model(model, pre.workspace_path, download_dir=tmp if is_mlflow_uri(model) else None)
+        ref = resolve_model(model, pre.workspace_path, download_dir=tmp if is_mlflow_uri(model) else None,
+                            tracking_uri=pre.tracking.tracking_uri or None)
         say(f"[embed] model: {ref.export_dir if ref.kind != 'mlflow' else model} ({ref.kind}; run "
             f"{ref.run_name or 'unknown'}{'' if ref.step is None else f', step {ref.step}'})")
         vlp = load_model(ref)
