@@ -180,7 +180,8 @@ class VLP(nn.Module):
 
         ``volume``: an array (D, H, W) already in model input units (H, W multiples of the in-plane patch),
         or a path (e.g. a NIfTI file) that ``preprocess(path) -> array (D, H, W)`` turns into one. D is
-        zero-padded at the end to a multiple of the z patch and the true depth is passed as ``depths``.
+        padded with air (-1) at the end to a multiple of the z patch, as evaluation pads, and the true depth is
+        passed as ``depths``.
         """
         if isinstance(volume, (str, os.PathLike)):
             if preprocess is None:
@@ -192,8 +193,8 @@ class VLP(nn.Module):
         d = x.shape[0]
         pz = self.vision.patch[0]
         pad = (-d) % pz
-        if pad:
-            x = F.pad(x, (0, 0, 0, 0, 0, pad))
+        if pad:  # air (-1 in normalised units), as evaluation's collate pads: a zero would read as soft tissue
+            x = F.pad(x, (0, 0, 0, 0, 0, pad), value=-1.0)
         x = x[None, None].to(self.device, dtype=self.vision.patch_embed.weight.dtype)
         depths = torch.tensor([d], device=self.device)
         was_training = self.training

@@ -25,33 +25,38 @@ __all__ = ["VLPPyfunc", "log_vlp_model"]
 _ENTRY = Path(__file__).with_name("_pyfunc_entry.py")
 
 
-class VLPPyfunc(mlflow.pyfunc.PythonModel):
-    """predict(DataFrame) -> DataFrame with ``text_embedding`` for a ``text`` column and ``volume_embedding``
-    for a ``nifti`` column (paths; optional ``slope``/``intercept`` columns, default 1 and 0)."""
+# MLflow warns, when a PythonModel subclass is defined, that predict has no type hints (to validate inputs by
+# them), under a filter of its own that an "ignore" filter does not override: recorded and dropped here, so that
+# importing this module prints nothing (the inputs are checked by predict itself)
+with warnings.catch_warnings(record=True):
 
-    def load_context(self, context) -> None:
-        from volvlp_ray.models import VLP
+    class VLPPyfunc(mlflow.pyfunc.PythonModel):
+        """predict(DataFrame) -> DataFrame with ``text_embedding`` for a ``text`` column and ``volume_embedding``
+        for a ``nifti`` column (paths; optional ``slope``/``intercept`` columns, default 1 and 0)."""
 
-        self.model = VLP.from_pretrained(context.artifacts["export"])
+        def load_context(self, context) -> None:
+            from volvlp_ray.models import VLP
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None):
-        import pandas as pd
+            self.model = VLP.from_pretrained(context.artifacts["export"])
 
-        df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        if "text" not in df and "nifti" not in df:
-            raise ValueError(f"expected a 'text' and/or a 'nifti' column, got {list(df.columns)}")
-        out = pd.DataFrame(index=df.index)
-        if "text" in df:
-            emb = self.model.embed_reports([str(t) for t in df["text"]])
-            out["text_embedding"] = [row.tolist() for row in emb.float().cpu().numpy()]
-        if "nifti" in df:
-            slope = df["slope"] if "slope" in df else [1.0] * len(df)
-            intercept = df["intercept"] if "intercept" in df else [0.0] * len(df)
-            out["volume_embedding"] = [
-                self.model.embed_nifti(str(p), slope=float(s), intercept=float(i)).float().cpu().numpy().tolist()
-                for p, s, i in zip(df["nifti"], slope, intercept)
-            ]
-        return out
+        def predict(self, context, model_input, params: dict[str, Any] | None = None):
+            import pandas as pd
+
+            df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+            if "text" not in df and "nifti" not in df:
+                raise ValueError(f"expected a 'text' and/or a 'nifti' column, got {list(df.columns)}")
+            out = pd.DataFrame(index=df.index)
+            if "text" in df:
+                emb = self.model.embed_reports([str(t) for t in df["text"]])
+                out["text_embedding"] = [row.tolist() for row in emb.float().cpu().numpy()]
+            if "nifti" in df:
+                slope = df["slope"] if "slope" in df else [1.0] * len(df)
+                intercept = df["intercept"] if "intercept" in df else [0.0] * len(df)
+                out["volume_embedding"] = [
+                    self.model.embed_nifti(str(p), slope=float(s), intercept=float(i)).float().cpu().numpy().tolist()
+                    for p, s, i in zip(df["nifti"], slope, intercept)
+                ]
+            return out
 
 
 def log_vlp_model(run_id: str, export_dir: str, tracking_uri: str, name: str = "model") -> str:
