@@ -40,6 +40,7 @@ _SHOWN = {"volvlp_console": True}  # marks records whose text info/warn/error pu
 _lines = logging.getLogger("volvlp_ray.console.lines")
 _lines.propagate = False
 _lines.addHandler(logging.NullHandler())
+_LEVELS = {"info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
 
 VERBOSE_ENV = "VOLVLP_VERBOSE"
 #: libraries whose log records go to the log file only (the console, with --verbose)
@@ -116,28 +117,25 @@ def _lookup_relay():
         return None
 
 
+def _say(kind: str, text: str) -> None:
+    _lines.log(_LEVELS[kind], "%s", text, extra=_SHOWN)  # the log file (setup_logging's), never another handler
+    if not _forward(kind, text):
+        _emit(kind, text)
+
+
 def info(text: str) -> None:
     """A progress or result line (stdout; from a Ray worker, the driver's stdout)."""
-    _lines.info("%s", text, extra=_SHOWN)
-    if not _forward("info", text):
-        _emit("info", text)
+    _say("info", text)
 
 
 def warn(text: str) -> None:
     """A warning (stderr; from a Ray worker, the driver's stderr). ``warning:`` is added unless present."""
-    if "warning" not in text.lower():
-        text = f"warning: {text}"
-    _lines.warning("%s", text, extra=_SHOWN)
-    if not _forward("warn", text):
-        _emit("warn", text)
+    _say("warn", text if "warning" in text.lower() else f"warning: {text}")
 
 
 def error(text: str) -> None:
-    if "error" not in text.lower():
-        text = f"error: {text}"
-    _lines.error("%s", text, extra=_SHOWN)
-    if not _forward("error", text):
-        _emit("error", text)
+    """An error line (stderr; from a Ray worker, the driver's stderr). ``error:`` is added unless present."""
+    _say("error", text if "error" in text.lower() else f"error: {text}")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -380,9 +378,6 @@ def _install_showwarning(verbose: bool) -> None:
 
 # ------------------------------------------------------------------------------------------------------
 # the relay: workers -> driver
-
-
-_LEVELS = {"info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
 
 
 class _RelayActor:
