@@ -340,7 +340,7 @@ def test_save_and_load_give_identical_embeddings(tokenizer, tmp_path):
     vol = np.random.default_rng(0).standard_normal((30, 64, 64)).astype(np.float32)  # D not a multiple of 4
     v = loaded.embed_volume(vol)
     assert v.shape == (128,)
-    padded = torch.zeros(1, 1, 32, 64, 64)
+    padded = torch.full((1, 1, 32, 64, 64), -1.0)  # the depth padded with air, as evaluation's collate pads
     padded[0, 0, :30] = torch.from_numpy(vol)
     with torch.no_grad():
         torch.testing.assert_close(v, model.encode_image(padded, torch.tensor([30]))[0], rtol=0, atol=0)
