@@ -77,8 +77,13 @@ def test_ablation_job_writes_the_table_the_child_runs_hold(tmp_path, copy_tiny_w
            "train.checkpoint_every=2", "train.warmup_steps=1", "eval.n_bootstrap=20", "ablation.max_concurrent=1"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=ROOT)
     out = p.stdout + p.stderr
+    (tmp_path / "console.txt").write_text(out)
     assert p.returncode == 0, out[-6000:]
     assert "[ablate] t: 6 trials (3 cells x 2 seeds)" in out
+    # the console: a bar over the trials, not Tune's status table nor the trials' own lines (--verbose has them)
+    assert "[ablate] trials 6/6 done (100%)" in out, out[-3000:]
+    for noise in ("Trial status:", "RayTrainWorker", "TrainController", "SplitCoordinator", "Execution plan"):
+        assert noise not in out, noise
     result = json.loads((ws / "ablations" / "t" / "results.json").read_text())
     cells = {(c["alpha"], c["global_batch"]): c for c in result["cells"]}
     assert set(cells) == {(0.5, 8), (0.25, 8), (0.5, 4)} and all(c["seeds"] == [0, 1] for c in cells.values())

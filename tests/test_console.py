@@ -100,7 +100,8 @@ def test_library_logs_go_to_the_log_file_and_the_projects_warnings_to_the_consol
 def test_a_ray_tasks_warnings_reach_the_driver_through_the_relay(ray_session, capfd):
     """A Ray Data task or a Train worker is a process of its own: its project warnings (console.warn, a
     ``volvlp_ray.*`` logger's error) reach the driver's console through the relay, once, as the driver's own lines
-    (a line Ray forwards carries the worker's pid)."""
+    (a line Ray forwards carries the worker's pid); its info lines do not (only a Train worker holding the relay's
+    handle sends those)."""
     import ray
 
     @ray.remote(num_cpus=0)
@@ -121,9 +122,12 @@ def test_a_ray_tasks_warnings_reach_the_driver_through_the_relay(ray_session, ca
     out, err = capfd.readouterr()
     assert pid != os.getpid()
     lines = (out + err).splitlines()
-    for text in ("RELAYED-WARN-a", "RELAYED-ERROR-a", "RELAYED-INFO-a"):
+    for text in ("RELAYED-WARN-a", "RELAYED-ERROR-a"):
         hits = [line for line in lines if text in line]
         assert len(hits) == 1 and "pid=" not in hits[0], (text, hits)
+    # a progress line of a worker without a handle (a Ray Data task, a sweep trial's worker) stays where it was
+    # printed: here Ray forwards it (this session's Ray forwards workers' output), prefixed with the task's pid
+    assert all("pid=" in line for line in lines if "RELAYED-INFO-a" in line), lines
     assert any(line.startswith("[data] warning: RELAYED-WARN-a") for line in err.splitlines()), err
     assert any(line.startswith("error: [volvlp_ray.data.shards] RELAYED-ERROR-a") for line in err.splitlines()), err
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from volvlp_ray import console
 from volvlp_ray.config import Config, ConfigError, config_to_dict, voided_by
 
 __all__ = ["LOSS_ARMS", "METRICS", "ablation_trials", "recall_with_cis", "run_ablation", "summarise"]
@@ -180,7 +181,9 @@ def run_ablation(cfg: Config) -> dict[str, Any]:
     trials = ablation_trials(cfg)
     base = config_to_dict(cfg)
     base["run_name"] = None
-    ensure_ray(cfg, concurrent_trials=cfg.ablation.max_concurrent or 2, quiet=False)
+    log_path = console.setup_logging(cfg.workspace_path / "logs", f"ablation-{name}")
+    ensure_ray(cfg, concurrent_trials=cfg.ablation.max_concurrent or 2)
+    console.setup_logging(cfg.workspace_path / "logs", f"ablation-{name}")  # again: Ray Data set up its handlers
     ensure_shards(cfg)
     tokenizer_dir = ensure_tokenizer(cfg)
     concurrency = trial_concurrency(cfg, ray.cluster_resources())
@@ -202,7 +205,8 @@ def run_ablation(cfg: Config) -> dict[str, Any]:
         tuner = resumable_tuner(root, name, trainable, "ablate", lambda: dict(
             param_space={"spec": tune.grid_search(trials)},
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrency)))
-        grid = tuner.fit()
+        with console.Relay():  # the trials' warnings and errors reach this console
+            grid = tuner.fit()
         errors = [str(r.error) for r in grid if r.error is not None]
         if errors:
             raise RuntimeError(f"{len(errors)} ablation trial(s) failed: " + "; ".join(errors[:3]))
@@ -213,6 +217,8 @@ def run_ablation(cfg: Config) -> dict[str, Any]:
         client.set_terminated(parent_run_id, "FAILED")
         raise
     print(f"[ablate] done in {time.time() - t0:.0f}s; table {summary['table']}", flush=True)
+    console.info(f"[ablate] library logs: {log_path}; the trials' own output: Ray's session logs (--verbose shows "
+                 "both)")
     return {"name": name, "parent_run_id": parent_run_id, **summary}
 
 

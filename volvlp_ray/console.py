@@ -88,9 +88,11 @@ def _emit(kind: str, text: str) -> None:
 
 
 def _forward(kind: str, text: str) -> bool:
-    """Send a line to the driver's relay when this process is a Ray worker with one; True when sent."""
+    """Send a line to the driver's relay when this process is a Ray worker with one; True when sent. A worker
+    without a handle (a Ray Data task, a sweep trial's worker) looks the relay up by name for warnings and errors
+    only: its progress lines stay in its own log."""
     board = _board
-    if board is None:
+    if board is None and kind != "info":
         board = _lookup_relay()
     if board is None:
         return False
@@ -513,4 +515,45 @@ class _ProjectHandler(logging.Handler):
 
 if not any(isinstance(h, _ProjectHandler) for h in log.handlers):
     log.addHandler(_ProjectHandler())
+
+
+def trial_progress(tag: str):
+    """A Ray Tune callback (driver side): a bar over the experiment's trials -- finished / total, running, failed --
+    instead of Tune's status table, and a warning per failed trial."""
+    from ray import tune
+
+    class TrialProgress(tune.Callback):
+        def __init__(self) -> None:
+            self.tag, self.total, self.bar, self.failed = tag, None, None, set()
+
+        def __getstate__(self) -> dict:  # saved with the experiment (a resumed one gets a new bar)
+            return {"tag": self.tag, "total": self.total, "bar": None, "failed": set()}
+
+        def setup(self, total_num_samples=None, **info) -> None:
+            self.total = total_num_samples
+
+        def on_step_end(self, iteration, trials, **info) -> None:
+            done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+            if self.bar is None:
+                self.bar = Progress(self.total or len(trials), f"[{self.tag}] trials", unit="done", plain_lines=10)
+                self.bar.__enter__()
+            self.bar.total = max(self.bar.total or 0, len(trials))
+            running = sum(t.status == "RUNNING" for t in trials)
+            if done != self.bar.done or running != self.bar.fields.get("running"):
+                self.bar.set(done, running=running, failed=len(self.failed))
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            if trial.trial_id not in self.failed:
+                self.failed.add(trial.trial_id)
+                warn(f"[{self.tag}] warning: trial {trial.trial_id} ({trial.config}) failed: "
+                     f"{getattr(trial, 'error_file', None) or 'see the Ray Tune log'}")
+
+        def on_experiment_end(self, trials, **info) -> None:
+            if self.bar is not None:
+                self.bar.set(sum(t.status in ("TERMINATED", "ERROR") for t in trials), running=0,
+                             failed=len(self.failed))
+                self.bar.close()
+                self.bar = None
+
+    return TrialProgress()
 

@@ -26,6 +26,7 @@ import os
 import time
 from typing import Any
 
+from volvlp_ray import console
 from volvlp_ray.config import Config, ConfigError, config_from_dict, config_to_dict, dump_yaml, parse_override
 
 __all__ = ["apply_params", "check_swept_keys_matter", "parse_search_space", "resumable_tuner", "run_sweep",
@@ -171,7 +172,9 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     base["run_name"] = None
     space = parse_search_space(cfg.sweep.search_space, base)
 
-    ensure_ray(cfg, concurrent_trials=cfg.sweep.max_concurrent or 2, quiet=False)
+    log_path = console.setup_logging(cfg.workspace_path / "logs", f"sweep-{name}")
+    ensure_ray(cfg, concurrent_trials=cfg.sweep.max_concurrent or 2)
+    console.setup_logging(cfg.workspace_path / "logs", f"sweep-{name}")  # again: Ray Data set up its handlers
     ensure_shards(cfg)
     tokenizer_dir = ensure_tokenizer(cfg)
     concurrency = trial_concurrency(cfg, ray.cluster_resources())
@@ -202,7 +205,8 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
             param_space=space,
             tune_config=tune.TuneConfig(metric=cfg.sweep.metric, mode=cfg.sweep.mode, scheduler=scheduler(),
                                         num_samples=cfg.sweep.num_samples, max_concurrent_trials=concurrency)))
-        grid = tuner.fit()
+        with console.Relay():  # the trials' warnings and errors reach this console
+            grid = tuner.fit()
         summary = _summarise(cfg, name, grid, client, parent_run_id, base)
         client.log_metric(parent_run_id, "sweep/seconds", time.time() - t0)
         client.set_terminated(parent_run_id, "FINISHED")
@@ -211,6 +215,7 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
         raise
     print(f"[sweep] done in {time.time() - t0:.0f}s; best {cfg.sweep.metric} = {summary['best_metric']:.4f} with "
           f"{summary['best_params']}; config {summary['best_config']}", flush=True)
+    console.info(f"[sweep] library logs: {log_path}; the trials' own output: Ray's session logs (--verbose shows both)")
     return summary
 
 
@@ -224,8 +229,10 @@ def resumable_tuner(root: str, name: str, trainable, tag: str, new_kwargs):
     if tune.Tuner.can_restore(experiment):
         print(f"[{tag}] resuming {name} from {experiment}", flush=True)
         return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
-    return tune.Tuner(trainable, run_config=tune.RunConfig(name="tune", storage_path=f"{root}/{name}", verbose=1),
-                      **new_kwargs())
+    # Tune's status table every 30 s only with --verbose; else a bar over the trials (console.trial_progress)
+    return tune.Tuner(trainable, run_config=tune.RunConfig(
+        name="tune", storage_path=f"{root}/{name}", verbose=1 if console.is_verbose() else 0,
+        callbacks=[] if console.is_verbose() else [console.trial_progress(tag)]), **new_kwargs())
 
 
 def _summarise(cfg: Config, name: str, grid, client, parent_run_id: str, base: dict) -> dict[str, Any]:

@@ -27,10 +27,12 @@ log = logging.getLogger(__name__)
 def ensure_ray(cfg: Config, concurrent_trials: int = 1, quiet: bool = True) -> None:
     """Join the cluster at ``$RAY_ADDRESS`` if set, else start a local Ray instance sized for
     ``concurrent_trials`` training runs at once (a sweep). ``quiet``: the workers' own output stays in Ray's log
-    files unless ``--verbose`` (``console.ray_init_kwargs``); a sweep, whose trials have no console relay, passes
-    False."""
+    files unless ``--verbose`` (``console.ray_init_kwargs``); the project's lines reach the console through the
+    job's relay."""
     import ray
 
+    if not cfg.scaling.use_gpu:  # this driver uses no accelerator: DeepSpeed (imported with transformers) need not
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # detect one and print that it found none
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
@@ -362,8 +364,6 @@ def run_pretraining(cfg: Config) -> dict[str, Any]:
                                      unsent_metrics_path)
 
     t0 = time.time()
-    if not cfg.scaling.use_gpu:  # this driver uses no accelerator: DeepSpeed (imported with transformers) need not
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # detect one and print that it found none
     run_name = cfg.run_name or default_run_name(cfg)
     # Ray's, DeepSpeed's, MLflow's own log records: to this file (and the console only with --verbose)
     log_path = console.setup_logging(cfg.workspace_path / "logs", run_name)
