@@ -14,8 +14,10 @@ Ray's, DeepSpeed's, MLflow's and Hugging Face's own log records go to a log file
 console, unless ``--verbose`` (``VOLVLP_VERBOSE=1``). Ray workers' output is not forwarded to the driver then
 (``ray.init(log_to_driver=False)``); what the project's code says in a worker (a training step, a warning)
 reaches the driver's console through a small relay actor (:class:`Relay`) that the driver drains: rank 0's
-step lines become the driver's training bar. In a process without a relay (tests calling functions directly,
-a notebook), ``info``/``warn`` print where they are.
+step lines become the driver's training bar. A Train worker holds the relay's handle (``attach``) and sends
+everything; any other worker (a Ray Data task, a sweep trial's worker) finds the relay by name and sends its
+warnings and errors only. In a process without a relay (tests calling functions directly, a notebook),
+``info``/``warn`` print where they are. Sweeps and ablations show a bar over their trials (``trial_progress``).
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Progress", "Relay", "attach", "attached", "step", "error", "ray_init_kwargs", "info", "is_verbose", "log_file", "progress", "relay_name",
-           "set_verbose", "setup_logging", "summary", "warn"]
+__all__ = ["Progress", "Relay", "attach", "attached", "error", "info", "is_verbose", "log_file", "progress",
+           "ray_init_kwargs", "relay_name", "set_verbose", "setup_logging", "step", "summary", "trial_progress", "warn"]
 
 log = logging.getLogger("volvlp_ray")
 _SHOWN = {"volvlp_console": True}  # marks records whose text info/warn/error put on the console already
