@@ -97,8 +97,6 @@ def _batch(args, overrides: list[str]) -> int:
     if not args.out:
         raise ConfigError("--data needs --out: the folder the Parquet parts go to (e.g. embeddings.parquet)")
     pre, _ = build_eval_config(None, None, overrides)
-    import ray.data  # noqa: F401 - before the log set-up: Ray Data installs its console handlers on import
-
     log = console.setup_logging(pre.workspace_path / "logs", f"embed-{time.strftime('%Y%m%d-%H%M%S')}")
     console.info(f"[embed] library logs: {log}")
     summary = embed_dataset(args.model, args.data, args.out, split=args.split, overrides=overrides,

@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         counts = ", ".join(f"{s} {read_manifest(storage.child(out, s))['num_samples']} samples" for s in SPLITS)
         console.info(f"[prepare] shards up to date at {storage.redact(out)} ({counts}); nothing to do")
         return 0
-    log_name = f"prepare-{time.strftime('%Y%m%d-%H%M%S')}"
-    console.setup_logging(cfg.workspace_path / "logs", log_name)
+    console.setup_logging(cfg.workspace_path / "logs", f"prepare-{time.strftime('%Y%m%d-%H%M%S')}")
     import ray
 
     from volvlp_ray.train.trainer import start_local_ray
@@ -77,7 +76,6 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(**console.ray_init_kwargs())
     else:
         start_local_ray(num_cpus=os.cpu_count() or 1, include_dashboard=False, **console.ray_init_kwargs())
-    console.setup_logging(cfg.workspace_path / "logs", log_name)  # again: Ray Data set up its handlers on import
     try:
         prepare_shards(source, out, cfg)
     except (FileNotFoundError, ValueError) as exc:

@@ -183,7 +183,6 @@ def run_ablation(cfg: Config) -> dict[str, Any]:
     base["run_name"] = None
     log_path = console.setup_logging(cfg.workspace_path / "logs", f"ablation-{name}")
     ensure_ray(cfg, concurrent_trials=cfg.ablation.max_concurrent or 2)
-    console.setup_logging(cfg.workspace_path / "logs", f"ablation-{name}")  # again: Ray Data set up its handlers
     ensure_shards(cfg)
     tokenizer_dir = ensure_tokenizer(cfg)
     concurrency = trial_concurrency(cfg, ray.cluster_resources())

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["Progress", "Relay", "attach", "attached", "error", "info", "is_verbose", "log_file", "progress",
-           "ray_init_kwargs", "relay_name", "set_verbose", "setup_logging", "step", "summary", "trial_progress", "warn"]
+           "ray_init_kwargs", "set_verbose", "setup_logging", "step", "summary", "trial_progress", "warn"]
 
 log = logging.getLogger("volvlp_ray")
 _SHOWN = {"volvlp_console": True}  # marks records whose text info/warn/error put on the console already
@@ -70,10 +70,6 @@ def ray_init_kwargs(quiet: bool = True) -> dict[str, Any]:
     if quiet and not is_verbose():
         return {"log_to_driver": False, "configure_logging": False}
     return {"log_to_driver": True, "logging_level": logging.WARNING}
-
-
-def relay_name() -> str:
-    return RELAY_NAME
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -361,9 +357,6 @@ def setup_logging(log_dir: str | os.PathLike | None, name: str, verbose: bool | 
     logging.captureWarnings(True)
     _install_showwarning(verbose)
     return path
-
-
-_orig_showwarning = warnings.showwarning
 
 
 def _install_showwarning(verbose: bool) -> None:

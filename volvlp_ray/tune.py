@@ -174,7 +174,6 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
 
     log_path = console.setup_logging(cfg.workspace_path / "logs", f"sweep-{name}")
     ensure_ray(cfg, concurrent_trials=cfg.sweep.max_concurrent or 2)
-    console.setup_logging(cfg.workspace_path / "logs", f"sweep-{name}")  # again: Ray Data set up its handlers
     ensure_shards(cfg)
     tokenizer_dir = ensure_tokenizer(cfg)
     concurrency = trial_concurrency(cfg, ray.cluster_resources())

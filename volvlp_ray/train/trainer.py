@@ -368,7 +368,6 @@ def run_pretraining(cfg: Config) -> dict[str, Any]:
     # Ray's, DeepSpeed's, MLflow's own log records: to this file (and the console only with --verbose)
     log_path = console.setup_logging(cfg.workspace_path / "logs", run_name)
     ensure_ray(cfg)
-    console.setup_logging(cfg.workspace_path / "logs", run_name)  # again: Ray Data set up its handlers on import
     fit_cluster(cfg, quiet=True)  # a cluster too small for the run fails now, before any data is prepared
     ensure_shards(cfg)
     tokenizer_dir = ensure_tokenizer(cfg)
