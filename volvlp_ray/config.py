@@ -343,6 +343,24 @@ class EvalConfig:
     tens of seconds on a small machine), or "auto": direct for at most ``direct_max_volumes`` volumes."""
     direct_max_volumes: int = 512
     """``reader: auto`` reads a split of at most this many volumes directly, a larger one with Ray Data."""
+    organs: bool = True
+    """Evaluate job: organ classification of z-chunks (SigVLP; ``volvlp_ray.eval.organs``): which organ groups
+    each chunk shows, from the organ z-extents stored with the volumes, zero-shot (``organ_prompt``) and by a
+    linear probe fitted on the training split's chunks; average precision per organ with volume-bootstrap CIs and
+    a radar chart. Skipped, and said so, when the shards hold no organ extents."""
+    organ_chunk_depth: int = 16
+    """Organ classification: slices per chunk (rounded down to a multiple of the z patch)."""
+    organ_chunk_stride: int = 8
+    """Organ classification: slices between chunk starts (the last chunk ends at the volume's last slice)."""
+    organ_min_overlap: float = 0.5
+    """Organ classification: an organ is present in a chunk when their z-overlap is at least this fraction of the
+    shorter of the two (chunk length, organ extent)."""
+    organ_prompt: str = "The {organ} is seen."
+    """Organ classification, zero-shot: the prompt of an organ group (``{organ}``: ``eval.organs.ORGAN_PROMPT_NAMES``);
+    a chunk's score is its cosine similarity with the prompt."""
+    organ_max_volumes: int = 0
+    """Organ classification: the first this many volumes of each split (evaluated split, and the training split
+    for the probe; 0 = all; ``probe_train_volumes`` also caps the training split)."""
 
     def __post_init__(self) -> None:
         if self.reader not in ("auto", "direct", "ray_data"):
@@ -356,10 +374,15 @@ class EvalConfig:
             raise ConfigError(f"eval.volume_mode={self.volume_mode!r} is not one of ['whole', 'sliding']")
         if self.chunk_pool not in ("mean", "max"):
             raise ConfigError(f"eval.chunk_pool={self.chunk_pool!r} is not one of ['mean', 'max']")
-        for name in ("batch_size", "chunk_depth", "chunk_stride", "val_volumes"):
+        if "{organ}" not in self.organ_prompt:
+            raise ConfigError(f"eval.organ_prompt must contain '{{organ}}', got {self.organ_prompt!r}")
+        if not 0.0 < self.organ_min_overlap <= 1.0:
+            raise ConfigError(f"eval.organ_min_overlap must be in (0, 1], got {self.organ_min_overlap}")
+        for name in ("batch_size", "chunk_depth", "chunk_stride", "val_volumes", "organ_chunk_depth",
+                     "organ_chunk_stride"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("n_bootstrap", "probe_train_volumes", "every", "direct_max_volumes"):
+        for name in ("n_bootstrap", "probe_train_volumes", "every", "direct_max_volumes", "organ_max_volumes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"eval.{name} must be >= 0, got {getattr(self, name)}")
 

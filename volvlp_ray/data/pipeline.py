@@ -88,6 +88,7 @@ class _ToRow:
         # locations: the shard reader's path of each shard -> its location (URI with query), for VolumeRef rows
         self.locations = locations
         self.patch_z = cfg.model.patch[0]
+        self.training = training
         self.text_mode = cfg.data.text_mode if training else "report"
         self.chunk = cfg.data.chunk_depth
         self.max_len = cfg.data.max_text_length
@@ -143,6 +144,9 @@ class _ToRow:
         }
         if self.findings:  # what the trained-on text affirms / negates, per label
             row["findings"] = polarity_vector(text)
+        if not self.training:  # evaluation: where the slices lie and the organ extents (organ classification)
+            row.update(z_origin_mm=np.float32(z0_mm), z_spacing_mm=np.float32(sz),
+                       organs_json=json.dumps(meta.get("organs") or {}))
         return [row]
 
     def _volume(self, vol) -> dict[str, Any]:

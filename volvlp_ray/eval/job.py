@@ -203,6 +203,45 @@ def _summary(report: dict[str, Any], prefix: str) -> str:
     return "\n".join(lines)
 
 
+def _organ_classification(model, cfg: Config, split: str, tokenizer_dir: str, n_bootstrap: int, train_ok: bool,
+                          plots_dir: str, prefix: str) -> dict[str, Any]:
+    """Organ classification of z-chunks (``eval.organs``): the evaluated split's chunks, zero-shot and (when the
+    probe has a training split) by a probe fitted on the training split's chunks; metrics, report, radar plot."""
+    from volvlp_ray.eval.organs import (ORGAN_GROUPS, embed_organ_chunks, flatten_organ_metrics,
+                                        organ_classification, organ_prompt_embeddings, plot_organ_radar)
+    from volvlp_ray.eval.plots import save_figure
+
+    if not cfg.eval.organs:
+        return {"report": {"skipped": "eval.organs=false"}, "metrics": {}, "plots": []}
+    e = cfg.eval
+    chunks = embed_organ_chunks(model, cfg, split, tokenizer_dir, e.organ_max_volumes, progress=f"{split} split")
+    if len(chunks["targets"]) == 0:
+        note = "the shards hold no organ z-extents (no segmentation or organ-extents CSV at preparation)"
+        console.info(f"[eval] organ classification skipped: {note}")
+        return {"report": {"skipped": note}, "metrics": {}, "plots": []}
+    train = None
+    if train_ok:
+        caps = [c for c in (e.organ_max_volumes, e.probe_train_volumes) if c > 0]
+        train = embed_organ_chunks(model, cfg, "train", tokenizer_dir, min(caps) if caps else 0,
+                                   progress="train split")
+    prompts = organ_prompt_embeddings(model, ORGAN_GROUPS, e.organ_prompt, cfg.data.max_text_length)
+    result = organ_classification(chunks, prompts, train=train, n_bootstrap=n_bootstrap, seed=cfg.seed)
+    result["chunk_depth"] = int(chunks["chunk_depth"])
+    result["n_without_extents"] = int(chunks["n_without_extents"])
+    plots = []
+    fig = plot_organ_radar(result)
+    if fig is not None:
+        plots.append(save_figure(fig, os.path.join(plots_dir, "organ_radar.png")))
+    for kind in ("zeroshot", "probe"):
+        res = result.get(kind, {})
+        if "mean" in res:
+            console.info(f"[eval] organ classification, {kind}: mean AP {res['mean']['ap']:.3f} (random "
+                         f"{res['mean']['prevalence']:.3f}) over {len(res['evaluated'])} organs, "
+                         f"{result['n_chunks']} chunks of {result['chunk_depth']} slices; "
+                         + ", ".join(f"{g} {res['per_organ'][g]['ap']:.2f}" for g in res["evaluated"]))
+    return {"report": result, "metrics": flatten_organ_metrics(result, prefix), "plots": plots}
+
+
 def run_evaluation(
     checkpoint: str,
     data: str | None = None,
@@ -265,6 +304,11 @@ def run_evaluation(
         report = res["report"]
         if probe_note:
             report["probe"] = {"skipped": probe_note}
+        organ = _organ_classification(model, cfg, split, tokenizer_dir, n_boot, train_ok=train_emb is not None,
+                                      plots_dir=plots_dir, prefix=prefix)
+        report["organ"] = organ["report"]
+        res["metrics"].update(organ["metrics"])
+        res["plots"].extend(organ["plots"])
         report = {
             "checkpoint": {"export_dir": str(ref.export_dir), "checkpoint_dir": str(ref.checkpoint_dir or ""),
                            "run_name": ref.run_name, "step": ref.step, "kind": ref.kind},
@@ -296,6 +340,10 @@ def run_evaluation(
         ("retrieval", f"report->volume MRR {r['t2v/mrr']:.3f}, volume->report MRR {r['v2t/mrr']:.3f}"),
         ("zero-shot", f"mean AUROC {zs['auroc']:.3f} (95% CI {zs['auroc_ci_low']:.3f}-{zs['auroc_ci_high']:.3f})"
                       if zs else None),
+        ("organs", ", ".join(f"{k} mean AP {report['organ'][k]['mean']['ap']:.3f}" for k in ("zeroshot", "probe")
+                             if "mean" in report["organ"].get(k, {}))
+                   + f" (random {report['organ']['zeroshot']['mean']['prevalence']:.3f})"
+                   if "mean" in report.get("organ", {}).get("zeroshot", {}) else None),
         ("MLflow", f"{report['mlflow']['logged_to']} {report['mlflow']['run_id']}" if "mlflow" in report else None),
         ("JSON", str(Path(out).expanduser().absolute()) if out else None),
         ("logs", log_path),
