@@ -7,7 +7,8 @@
 
 Source and out are local folders or pyarrow filesystem URIs (filesystem options in the query, credentials from
 the environment, as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY). Writes {out}/{train,valid}/shard-*.tar,
-manifest.json and quarantine.json; a rerun with the same source and options does nothing, one killed half-way
+manifest.json and quarantine.json (a source may hold one split only, as an external evaluation set
+does: only that split is written); a rerun with the same source and options does nothing, one killed half-way
 finishes the missing groups. Bad input: one line on stderr, exit 2. Joins the Ray cluster at $RAY_ADDRESS when
 set (or uses the Ray instance this process already has).
 """
@@ -22,7 +23,7 @@ import time
 from volvlp_ray import console
 from volvlp_ray.config import ConfigError, add_verbose_flag, apply_verbose_flag, load_config
 from volvlp_ray.data import storage
-from volvlp_ray.data.ctrate import SPLITS, layout_problem
+from volvlp_ray.data.ctrate import available_splits, layout_problem
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     apply_verbose_flag(args)
     try:
-        cfg = load_config(args.config, args.overrides)
+        # a real source gets CT-RATE's grid unless the file or an override sets one (config.CT_RATE_GRID)
+        cfg = load_config(args.config, args.overrides, real_source=args.source != "synthetic")
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
@@ -53,16 +55,22 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             print(f"input error: {problem}", file=sys.stderr)
             return 2
+        splits = available_splits(source)
+        d = cfg.data
+        console.info(f"[prepare] source {storage.redact(source)}: split(s) {', '.join(splits)}; grid "
+                     f"{' x '.join(f'{v:g}' for v in d.spacing)} mm (z, y, x), {d.in_plane_size}x{d.in_plane_size} "
+                     "in-plane (data.spacing, data.in_plane_size)")
     from volvlp_ray.data.prepare import prepare_options, prepare_shards, shards_ready, source_id
     from volvlp_ray.data.shards import read_manifest
 
     try:
-        ready = shards_ready(out, prepare_options(cfg), source_id(source))
+        splits = available_splits(source)
+        ready = shards_ready(out, prepare_options(cfg), source_id(source), splits)
     except OSError as exc:
         print(f"input error: cannot read --out {storage.redact(out)!r}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     if ready:
-        counts = ", ".join(f"{s} {read_manifest(storage.child(out, s))['num_samples']} samples" for s in SPLITS)
+        counts = ", ".join(f"{s} {read_manifest(storage.child(out, s))['num_samples']} samples" for s in splits)
         console.info(f"[prepare] shards up to date at {storage.redact(out)} ({counts}); nothing to do")
         return 0
     console.setup_logging(cfg.workspace_path / "logs", f"prepare-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -22,7 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    run_pretraining(cfg)
+    try:
+        run_pretraining(cfg)
+    except ConfigError as exc:  # found once the job looks at its data (e.g. a source without a train split)
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

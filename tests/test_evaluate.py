@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).parents[1]
@@ -97,9 +98,20 @@ def test_latest_checkpoint_report(workspace, latest) -> None:
         assert entry["threshold"] is not None
     probe = report["probe"]
     assert probe["n_train"] == 16 and probe["n_labels_evaluated"] >= 1 and 0 <= probe["mean"]["auroc"] <= 1
+    organ = report["organ"]  # organ classification of z-chunks (volvlp_ray.eval.organs)
+    assert organ["n_volumes"] == 8 and organ["n_chunks"] >= 16 and organ["n_without_extents"] == 0
+    for kind in ("zeroshot", "probe"):
+        res = organ[kind]
+        assert set(res["evaluated"]) | set(res["skipped"]) == set(organ["groups"]) and len(res["evaluated"]) >= 3
+        for g in res["evaluated"]:
+            e = res["per_organ"][g]
+            assert 0 < e["prevalence"] < 1 and e["ap_ci_low"] <= e["ap"] <= e["ap_ci_high"]
+        assert res["mean"]["ap"] == pytest.approx(np.mean([res["per_organ"][g]["ap"] for g in res["evaluated"]]))
+    assert organ["probe"]["n_train_chunks"] >= 32
     for line in ("[eval] checkpoint:", "[eval] linear probe: embedding all training volumes",
                  "[eval] valid split: embedded 8/8 volumes", "[eval] report->volume: R@1",
-                 "[eval] zeroshot: mean AUROC", "logged to the training run", "[eval] JSON report:"):
+                 "[eval] zeroshot: mean AUROC", "[eval] organ classification, zeroshot: mean AP",
+                 "[eval] organ classification, probe: mean AP", "logged to the training run", "[eval] JSON report:"):
         assert line in stdout, line
 
 
@@ -118,7 +130,9 @@ def test_latest_checkpoint_logs_to_the_training_run(workspace, latest) -> None:
     assert metrics["eval/v2t/mrr"] == pytest.approx(metrics["evaluate/valid/v2t/mrr"])
     plots = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "evaluate/valid/plots")}
     assert {"recall_at_k.png", "auroc_zeroshot.png", "auroc_probe.png", "similarity_matrix.png",
-            "projection_volume_n_abnormalities.png"} <= plots
+            "projection_volume_n_abnormalities.png", "organ_radar.png"} <= plots
+    assert metrics["evaluate/valid/organ/zeroshot/mean/ap"] == pytest.approx(report["organ"]["zeroshot"]["mean"]["ap"])
+    assert "evaluate/valid/organ/probe/heart/ap_ci_high" in metrics
     assert "evaluate/valid/metrics.json" in {a.path for a in client.list_artifacts(run.info.run_id, "evaluate/valid")}
 
 
@@ -215,3 +229,85 @@ def test_validator(workspace, latest, ray_session) -> None:
     assert small.run(model)["val/n"] == 4
     with pytest.raises(ValueError, match="at least 2"):
         Validator(cfg, str(export / "tokenizer"), max_volumes=1)
+
+
+def test_organ_chunks_are_the_model_on_the_chunks_cut_by_hand(workspace, latest) -> None:
+    """``embed_organ_chunks``: every chunk's embedding is ``encode_image`` of those slices of the volume as the
+    shard holds them (read here with the shard reader, normalised by hand), its z-range follows the stored origin
+    and spacing, and its targets the stored organ extents under the overlap rule."""
+    import torch
+
+    from volvlp_ray.config import config_from_dict
+    from volvlp_ray.data.reader import iter_samples
+    from volvlp_ray.data.shards import decode_sample
+    from volvlp_ray.eval.checkpoint import run_config_of
+    from volvlp_ray.eval.organs import ORGAN_GROUPS, chunk_targets, embed_organ_chunks
+    from volvlp_ray.models import VLP
+
+    export = _checkpoints(workspace)[-1] / "export"
+    cfg = config_from_dict(run_config_of(export))
+    model = VLP.from_pretrained(export)
+    chunks = embed_organ_chunks(model, cfg, "valid", str(export / "tokenizer"), max_volumes=3)
+    assert len(chunks["keys"]) == 3 and chunks["emb"].shape[0] == len(chunks["targets"]) == len(chunks["volume"])
+    samples = {}
+    for tar in sorted((workspace / "shards" / "valid").glob("*.tar")):
+        with open(tar, "rb") as f:
+            for raw in iter_samples(f, str(tar)):
+                s = decode_sample(raw)
+                samples[s["key"]] = s
+    cd, pz, lo, hi = chunks["chunk_depth"], cfg.model.patch[0], *cfg.data.hu_window
+    for v, key in enumerate(chunks["keys"]):
+        s = samples[str(key)]
+        vol, meta = s["volume"], s["meta"]
+        z0, sz = meta["z_origin_mm"], meta["spacing"][0]
+        rows = np.flatnonzero(chunks["volume"] == v)
+        assert len(rows) >= 2
+        for c in rows:
+            a, b = chunks["z_range_mm"][c]
+            start = int(round((a - z0) / sz + 0.5))
+            n = int(round((b - a) / sz))
+            assert n == min(cd, vol.shape[0] // pz * pz) and 0 <= start and start + n <= vol.shape[0]
+            x = np.clip((vol[start:start + n].astype(np.float32) - (lo + hi) / 2) / ((hi - lo) / 2), -1, 1)
+            with torch.no_grad():
+                ref = model.encode_image(torch.from_numpy(x)[None, None], None)[0].numpy()
+            np.testing.assert_allclose(chunks["emb"][c], ref, atol=1e-5)
+            assert chunks["targets"][c].tolist() == chunk_targets(meta["organs"], (a, b),
+                                                                  cfg.eval.organ_min_overlap).tolist()
+        assert chunks["z_range_mm"][rows[-1]][1] == pytest.approx(z0 + (vol.shape[0] - 0.5) * sz)  # to the last slice
+    assert set(np.unique(chunks["targets"])) <= {0, 1} and chunks["targets"].shape[1] == len(ORGAN_GROUPS)
+
+
+def test_external_set_is_evaluated_over_the_shared_labels(workspace, latest, ray_session, tmp_path) -> None:
+    """An external set (one split, labels of its own: 3 of CT-RATE's and "Pneumothorax"), prepared with the run's
+    grid and evaluated with ``--data``: retrieval, zero-shot over the 3 labels it shares with the model (the 4th
+    listed as not shared), the probe fitted on the run's own training split, organ classification; the shared
+    labels' figures are those of the same embeddings evaluated without the restriction."""
+    from test_external_sets import external_set
+
+    from volvlp_ray.config import config_from_dict
+    from volvlp_ray.data.prepare import prepare_shards
+    from volvlp_ray.eval.checkpoint import run_config_of
+    from volvlp_ray.eval.job import resolve_data, run_evaluation
+    from volvlp_ray.eval.run import evaluate_model
+    from volvlp_ray.models import VLP
+
+    export = _checkpoints(workspace)[-1] / "export"
+    cfg = config_from_dict(run_config_of(export))
+    src = external_set(tmp_path / "ext", n=6)
+    prepare_shards(str(src), str(tmp_path / "ext_shards"), cfg, progress=False)
+    assert not (tmp_path / "ext_shards" / "train").exists()
+    report = run_evaluation(str(export), data=str(tmp_path / "ext_shards"), mlflow=False,
+                            overrides=["eval.n_bootstrap=50"])
+    assert report["data"]["name"] == "ext_shards_valid" and report["n"] == 6
+    assert report["label_names"] == ["Cardiomegaly", "Emphysema", "Lung nodule"]
+    assert report["labels_not_shared"] == ["Pneumothorax"] and report["zeroshot"]["n_labels"] == 3
+    assert report["probe"]["n_train"] == 16  # the run's training split (the external set has none)
+    assert report["organ"]["n_volumes"] == 6 and report["organ"]["probe"]["n_train_chunks"] >= 32
+    assert "t2v/recall_at_1" in report["retrieval"]
+    ext_cfg, split, _ = resolve_data(cfg, str(tmp_path / "ext_shards"), "valid")
+    unrestricted = evaluate_model(VLP.from_pretrained(export), ext_cfg, split, str(export / "tokenizer"),
+                                  n_bootstrap=0)
+    assert unrestricted["report"]["label_names"][-1] == "Pneumothorax"
+    for label in report["label_names"]:
+        assert report["zeroshot"]["per_label"][label]["auroc"] == \
+            pytest.approx(unrestricted["zeroshot"]["per_label"][label]["auroc"], nan_ok=True)

@@ -36,6 +36,7 @@ __all__ = [
     "dump_yaml",
     "flatten",
     "grad_checkpointing_mode",
+    "CT_RATE_GRID",
     "load_config",
     "parse_cli",
     "same_study_mode",
@@ -56,9 +57,12 @@ class DataConfig:
     num_val_volumes: int = 128
     """Synthetic held-out volumes (the "validation" split)."""
     spacing: list[float] = field(default_factory=lambda: [8.0, 6.0, 6.0])
-    """Target voxel spacing (z, y, x) in mm after resampling. CT-CLIP uses [1.5, 0.75, 0.75]."""
+    """Target voxel spacing (z, y, x) in mm after resampling: the embedded synthetic data's toy grid. For a real
+    source (``data.source`` a folder, or ``jobs/prepare_data.py --source DIR``) the default is CT-RATE's (CT-CLIP's)
+    [1.5, 0.75, 0.75] unless the config file or an override sets it (``config.CT_RATE_GRID``)."""
     in_plane_size: int = 64
-    """In-plane crop/pad (H = W) after resampling. CT-CLIP uses 480. Depth is never cropped."""
+    """In-plane crop/pad (H = W) after resampling: 64 for the synthetic data, 480 (CT-RATE's) by default for a real
+    source, as ``spacing``. Depth is never cropped."""
     hu_window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])
     """HU clip window; stored voxels are int16 HU inside it; the loader maps it to [-1, 1]."""
     shard_max_bytes: int = 4 * 2**20
@@ -725,9 +729,29 @@ def config_from_dict(values: dict) -> Config:
     return _build(Config, _merge(asdict(Config()), values, Config))
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file (a partial tree), then dotted overrides; validated."""
+CT_RATE_GRID: dict[str, Any] = {"spacing": [1.5, 0.75, 0.75], "in_plane_size": 480}
+"""The preprocessing grid of CT-RATE / CT-CLIP: what a real (not synthetic) source gets unless ``data.spacing`` or
+``data.in_plane_size`` is given (the dataclass defaults are the embedded synthetic data's toy grid)."""
+
+
+def _dotted(tree: Any, prefix: str = "") -> set[str]:
+    if not isinstance(tree, dict):
+        return {prefix} if prefix else set()
+    out = {prefix} if prefix else set()
+    for k, v in tree.items():
+        out |= _dotted(v, f"{prefix}.{k}" if prefix else str(k))
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                real_source: bool | None = None) -> Config:
+    """Defaults, then the YAML file (a partial tree), then dotted overrides; validated.
+
+    For a real source (``real_source``, or by default ``data.source`` other than "synthetic") the grid keys the
+    file and overrides leave unset (``data.spacing``, ``data.in_plane_size``) take CT-RATE's values
+    (``CT_RATE_GRID``) instead of the toy grid of the embedded synthetic data."""
     values = asdict(Config())
+    given: set[str] = set()
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -736,8 +760,17 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of config keys")
         values = _merge(values, loaded, Config)
+        given |= _dotted(loaded)
     for item in overrides or []:
-        values = _merge(values, parse_override(item), Config)
+        parsed = parse_override(item)
+        values = _merge(values, parsed, Config)
+        given |= _dotted(parsed)
+    if real_source is None:
+        real_source = values["data"]["source"] != "synthetic"
+    if real_source:
+        for key, value in CT_RATE_GRID.items():
+            if f"data.{key}" not in given:
+                values["data"][key] = list(value) if isinstance(value, list) else value
     return _build(Config, values)
 
 

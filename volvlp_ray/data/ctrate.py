@@ -35,6 +35,9 @@ __all__ = [
     "ORGAN_EXTENT_SOURCES",
     "ORGAN_NAMES",
     "SPLITS",
+    "available_splits",
+    "label_columns",
+    "split_label_names",
     "VolumeRecord",
     "csv_paths",
     "find_segmentations",
@@ -104,19 +107,41 @@ def layout_locations(root: str, split: str) -> dict[str, str]:
     }
 
 
+def _split_problem(source: str, split: str) -> str | None:
+    shown = storage.redact(source)
+    for kind in ("reports", "metadata", "labels"):
+        if not storage.is_file(layout_locations(source, split)[kind]):
+            return f"{shown} is not in the CT-RATE layout: missing {storage.redact(layout_locations(source, split)[kind])}"
+    if not find_volumes(source, split):
+        return f"{shown} is not in the CT-RATE layout: no {split}/**/*.nii.gz volumes"
+    return None
+
+
+def _has_any_of_split(source: str, split: str) -> bool:
+    return any(storage.is_file(layout_locations(source, split)[kind]) for kind in ("reports", "metadata", "labels")) \
+        or storage.is_dir(storage.child(source, split))
+
+
+def available_splits(source: str) -> list[str]:
+    """The splits of ``SPLITS`` that ``source`` holds completely (CSVs and volumes): both for CT-RATE and the
+    synthetic data; one for an external evaluation set laid out as its ``valid`` split."""
+    return [s for s in SPLITS if _split_problem(source, s) is None]
+
+
 def layout_problem(source: str) -> str | None:
-    """Why ``source`` (a folder or URI) is not usable as a CT-RATE-layout folder, or None."""
+    """Why ``source`` (a folder or URI) is not usable as a CT-RATE-layout folder, or None. A source may hold one
+    split only (an external evaluation set: its ``valid`` split), but a split it has begun must be complete."""
     shown = storage.redact(source)
     try:
         if not storage.is_dir(source):
             return f"source folder {shown!r} does not exist"
-        for split in SPLITS:
-            for kind in ("reports", "metadata", "labels"):
-                if not storage.is_file(layout_locations(source, split)[kind]):
-                    missing = storage.redact(layout_locations(source, split)[kind])
-                    return f"{shown} is not in the CT-RATE layout: missing {missing}"
-            if not find_volumes(source, split):
-                return f"{shown} is not in the CT-RATE layout: no {split}/**/*.nii.gz volumes"
+        problems = {s: _split_problem(source, s) for s in SPLITS}
+        if all(problems.values()):  # no complete split: what the first begun split (else the first split) lacks
+            begun = [s for s in SPLITS if _has_any_of_split(source, s)]
+            return problems[(begun or SPLITS)[0]]
+        for split, problem in problems.items():
+            if problem and _has_any_of_split(source, split):
+                return f"{problem} (the {split} split is incomplete; a source may hold one complete split only)"
     except (OSError, ValueError) as exc:  # an unreachable store, refused credentials, a URI pyarrow does not know
         return f"cannot read source {shown!r}: {type(exc).__name__}: {exc}"
     return None
@@ -223,6 +248,37 @@ def read_organ_findings(location: str) -> dict[str, dict[str, str]]:
     return out
 
 
+def label_columns(columns: list[str], shown: str = "the labels CSV") -> list[str]:
+    """The label names of a split, from its labels CSV header: CT-RATE's 18 ``LABELS`` in their order when the CSV
+    has them all (other columns are then ignored), else every column but ``VolumeName`` in the CSV's order (an
+    external evaluation set with labels of its own: zero-shot classification works from the label names)."""
+    if all(c in columns for c in LABELS):
+        return list(LABELS)
+    own = [str(c) for c in columns if c != "VolumeName"]
+    if not own:
+        raise ValueError(f"{shown} has no label columns (CT-RATE's are: {', '.join(LABELS)})")
+    log.info("%s: %d label columns of its own (not CT-RATE's 18): %s", shown, len(own), own)
+    return own
+
+
+def split_label_names(root: str | Path, split: str) -> list[str]:
+    """``label_columns`` of a split's labels CSV (its header only)."""
+    location = layout_locations(str(root), split)["labels"]
+    header = pd.read_csv(_csv_source(location), nrows=0).columns
+    return label_columns(list(header), storage.redact(location))
+
+
+def _binary(value, column: str) -> int:
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        number = math.nan
+    if number not in (0.0, 1.0):
+        raise ValueError(f"label {column!r} is {text!r}, not 0 or 1")
+    return int(number)
+
+
 def read_split(
     root: str | Path,
     split: str,
@@ -258,9 +314,7 @@ def read_split(
             problems.setdefault("duplicate_row", []).extend(f"{key}:{d}" for d in dup)
             df = df.drop_duplicates("VolumeName", keep="first")
         frames[key] = df.set_index("VolumeName")
-    missing_labels = [c for c in LABELS if c not in frames["labels"].columns]
-    if missing_labels:
-        raise ValueError(f"{shown['labels']} lacks label columns {missing_labels}")
+    label_names = label_columns(list(frames["labels"].columns), shown["labels"])
     organs: dict[str, dict[str, list[float]]] = {}
     if organ_extents in ("auto", "csv"):
         if storage.is_file(paths["organs"]):
@@ -313,6 +367,11 @@ def read_split(
         except (ValueError, SyntaxError, KeyError) as exc:
             problems.setdefault("bad_metadata_row", []).append(f"{name}: {exc}")
             continue
+        try:
+            labels = [_binary(lab[c], c) for c in label_names]
+        except ValueError as exc:
+            problems.setdefault("bad_label_row", []).append(f"{name}: {exc}")
+            continue
         records.append(
             VolumeRecord(
                 volume_name=name,
@@ -324,7 +383,7 @@ def read_split(
                 intercept=intercept,
                 xy_spacing=xy,
                 z_spacing=z,
-                labels=[int(lab[c]) for c in LABELS],
+                labels=labels,
                 organs=organs.get(name, {}),
                 segmentation=segs.get(name, ("", ""))[0],
                 segmentation_kind=segs.get(name, ("", ""))[1],

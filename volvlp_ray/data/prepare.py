@@ -26,7 +26,7 @@ from typing import Any
 from volvlp_ray import console
 from volvlp_ray.config import Config
 from volvlp_ray.data import storage
-from volvlp_ray.data.ctrate import LABELS, SPLITS, read_split
+from volvlp_ray.data.ctrate import available_splits, read_split, split_label_names
 from volvlp_ray.data.organs import split_findings_by_organ
 from volvlp_ray.data.segmentation import extents_from_segmentation, label_table
 from volvlp_ray.data.shards import encode_sample, write_group_shards
@@ -56,9 +56,10 @@ def source_id(source: str | os.PathLike) -> str:
     return storage.redact(storage.normalise(source))
 
 
-def shards_ready(out: str | os.PathLike, options: dict, source_id: str) -> bool:
+def shards_ready(out: str | os.PathLike, options: dict, source_id: str, splits: list[str] | tuple[str, ...] = ("train", "valid")) -> bool:
+    """Whether ``out`` holds current shards of every split in ``splits`` (same options and source)."""
     out = storage.normalise(out)
-    for split in SPLITS:
+    for split in splits:
         path = storage.child(out, split, "manifest.json")
         if not storage.is_file(path):
             return False
@@ -158,8 +159,8 @@ def _plan_groups(records: list, shard_max_bytes: int, opts: dict, num_cpus: int)
 
 
 def prepare_shards(source: str | os.PathLike, out: str | os.PathLike, cfg: Config, progress: bool = True) -> dict:
-    """Ingest every split of ``source`` into ``out/{train,valid}`` (local folders or URIs). Returns a summary
-    per split."""
+    """Ingest every split of ``source`` into ``out/{train,valid}`` (local folders or URIs): both, or the one an
+    external evaluation set holds. Returns a summary per split."""
     import ray
 
     source = storage.normalise(source)
@@ -170,7 +171,10 @@ def prepare_shards(source: str | os.PathLike, out: str | os.PathLike, cfg: Confi
     env = storage.task_runtime_env(source, out)  # tasks run in other processes (other nodes)
     remote_args: dict[str, Any] = {"runtime_env": env} if env else {}
     summary = {}
-    for split in SPLITS:
+    splits = available_splits(source)
+    if not splits:
+        raise ValueError(f"{storage.redact(source)} holds no complete split (CSVs and volumes) of train, valid")
+    for split in splits:
         t0 = time.time()
         split_dir = storage.child(out, split)
         records, problems = read_split(source, split, cfg.data.organ_extents, cfg.data.organ_findings)
@@ -215,7 +219,8 @@ def prepare_shards(source: str | os.PathLike, out: str | os.PathLike, cfg: Confi
                     quarantined += int(group_done["quarantined"])
                     bar.update(len(groups[int(group_done["group"])]), quarantined=quarantined)
             assert done == len(todo), (done, len(todo))
-        summary[split] = _finalise(split_dir, split, len(groups), problems, opts, sid)
+        summary[split] = _finalise(split_dir, split, len(groups), problems, opts, sid,
+                                   split_label_names(source, split))
         if progress:
             s = summary[split]
             console.info(f"[prepare] {split}: {s['num_samples']} samples in {s['num_shards']} shards, "
@@ -223,7 +228,8 @@ def prepare_shards(source: str | os.PathLike, out: str | os.PathLike, cfg: Confi
     return summary
 
 
-def _finalise(split_dir: str, split: str, n_groups: int, problems: dict, opts: dict, sid: str) -> dict:
+def _finalise(split_dir: str, split: str, n_groups: int, problems: dict, opts: dict, sid: str,
+              label_names: list[str]) -> dict:
     shards, quarantine, warnings = [], [], []
     sources: dict[str, dict[str, int]] = {"organ_extents": {}, "organ_findings": {}}
     for g in range(n_groups):
@@ -243,7 +249,7 @@ def _finalise(split_dir: str, split: str, n_groups: int, problems: dict, opts: d
         "num_samples": sum(s["samples"] for s in shards),
         "total_bytes": sum(s["bytes"] for s in shards),
         "shards": shards,
-        "labels": list(LABELS),
+        "labels": list(label_names),
         "options": opts,
         "source_id": sid,
         "num_quarantined": len(quarantine),

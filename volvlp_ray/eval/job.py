@@ -203,8 +203,19 @@ def _summary(report: dict[str, Any], prefix: str) -> str:
     return "\n".join(lines)
 
 
-def _organ_classification(model, cfg: Config, split: str, tokenizer_dir: str, n_bootstrap: int, train_ok: bool,
-                          plots_dir: str, prefix: str) -> dict[str, Any]:
+def _model_labels(run_cfg: Config) -> list[str]:
+    """The labels the model was trained with: its run's training split's (manifest), else CT-RATE's 18."""
+    from volvlp_ray.data.ctrate import LABELS
+    from volvlp_ray.eval.run import label_names_of
+
+    try:
+        return label_names_of(run_cfg, "train")
+    except (FileNotFoundError, OSError, ValueError):
+        return list(LABELS)
+
+
+def _organ_classification(model, cfg: Config, split: str, tokenizer_dir: str, n_bootstrap: int,
+                          train_cfg: Config | None, plots_dir: str, prefix: str) -> dict[str, Any]:
     """Organ classification of z-chunks (``eval.organs``): the evaluated split's chunks, zero-shot and (when the
     probe has a training split) by a probe fitted on the training split's chunks; metrics, report, radar plot."""
     from volvlp_ray.eval.organs import (ORGAN_GROUPS, embed_organ_chunks, flatten_organ_metrics,
@@ -220,9 +231,9 @@ def _organ_classification(model, cfg: Config, split: str, tokenizer_dir: str, n_
         console.info(f"[eval] organ classification skipped: {note}")
         return {"report": {"skipped": note}, "metrics": {}, "plots": []}
     train = None
-    if train_ok:
+    if train_cfg is not None:
         caps = [c for c in (e.organ_max_volumes, e.probe_train_volumes) if c > 0]
-        train = embed_organ_chunks(model, cfg, "train", tokenizer_dir, min(caps) if caps else 0,
+        train = embed_organ_chunks(model, train_cfg, "train", tokenizer_dir, min(caps) if caps else 0,
                                    progress="train split")
     prompts = organ_prompt_embeddings(model, ORGAN_GROUPS, e.organ_prompt, cfg.data.max_text_length)
     result = organ_classification(chunks, prompts, train=train, n_bootstrap=n_bootstrap, seed=cfg.seed)
@@ -254,7 +265,7 @@ def run_evaluation(
     """The whole evaluate job (see the module docstring). Returns the JSON report as a dict."""
     import torch
 
-    from volvlp_ray.eval.run import embed_split, evaluate_model
+    from volvlp_ray.eval.run import embed_split, evaluate_model, label_names_of
     from volvlp_ray.models import VLP
 
     t0 = time.time()
@@ -271,6 +282,7 @@ def run_evaluation(
                      "defaults")
     cfg, user = build_eval_config(run_config, config_file, overrides)
     n_boot = cfg.eval.n_bootstrap if "n_bootstrap" in user.get("eval", {}) else DEFAULT_JOB_BOOTSTRAP
+    run_cfg = cfg  # the run's own data (the probe's training split when the evaluated data has none)
     cfg, split, name = resolve_data(cfg, data, split)
     prefix = f"evaluate/{name}/"
     console.info(f"[eval] data: split {split!r} of {cfg.shards_path}; volumes embedded "
@@ -279,32 +291,42 @@ def run_evaluation(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = VLP.from_pretrained(ref.export_dir, map_location=device)
     tokenizer_dir = str(ref.export_dir / "tokenizer")
-    train_emb = None
+    train_emb = train_cfg = None
     probe_note = None
     if cfg.eval.probe:
-        train_split_dir = storage.child(storage.normalise(cfg.shards_path), "train")
-        if split == "train":
-            probe_note = "the evaluated split is the training split"
-        elif storage.is_file(storage.child(train_split_dir, "manifest.json")):
+        # the probe's training split: the evaluated data's own, else (an external set of one split) the run's
+        for candidate in (cfg, run_cfg):
+            train_split_dir = storage.child(storage.normalise(candidate.shards_path), "train")
+            if storage.is_file(storage.child(train_split_dir, "manifest.json")):
+                train_cfg = candidate
+                break
+        if split == "train" and train_cfg is cfg:
+            probe_note, train_cfg = "the evaluated split is the training split", None
+        elif train_cfg is not None:
             limit = cfg.eval.probe_train_volumes
+            train_split_dir = storage.child(storage.normalise(train_cfg.shards_path), "train")
             console.info(f"[eval] linear probe: embedding {'all' if not limit else f'at most {limit}'} training "
                          f"volumes of {train_split_dir}")
-            train_emb = embed_split(model, cfg, "train", tokenizer_dir, max_volumes=limit, progress="train split")
+            train_emb = embed_split(model, train_cfg, "train", tokenizer_dir, max_volumes=limit,
+                                    progress="train split")
         else:
-            probe_note = f"no training split at {train_split_dir}"
+            probe_note = f"no training split at {storage.child(storage.normalise(cfg.shards_path), 'train')}"
     else:
         probe_note = "eval.probe=false"
     if probe_note:
         console.info(f"[eval] linear probe skipped: {probe_note}")
+    model_labels = _model_labels(run_cfg)
+    train_labels = label_names_of(train_cfg, "train") if train_cfg is not None else None
 
     with tempfile.TemporaryDirectory(prefix="volvlp-eval-") as tmp:
         plots_dir = os.path.join(tmp, "plots")
         res = evaluate_model(model, cfg, split, tokenizer_dir, plots_dir=plots_dir, n_bootstrap=n_boot,
-                             train_emb=train_emb, prefix=prefix, progress=f"{split} split")
+                             train_emb=train_emb, prefix=prefix, progress=f"{split} split", labels=model_labels,
+                             train_label_names=train_labels)
         report = res["report"]
         if probe_note:
             report["probe"] = {"skipped": probe_note}
-        organ = _organ_classification(model, cfg, split, tokenizer_dir, n_boot, train_ok=train_emb is not None,
+        organ = _organ_classification(model, cfg, split, tokenizer_dir, n_boot, train_cfg=train_cfg,
                                       plots_dir=plots_dir, prefix=prefix)
         report["organ"] = organ["report"]
         res["metrics"].update(organ["metrics"])

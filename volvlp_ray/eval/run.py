@@ -269,9 +269,15 @@ def evaluate_embeddings(
 def evaluate_model(model, cfg: Config, split: str = "valid", tokenizer_dir: str | None = None,
                    plots_dir: str | None = None, n_bootstrap: int | None = None,
                    train_emb: dict[str, np.ndarray] | None = None, prefix: str = "eval/",
-                   progress: str | None = None) -> dict[str, Any]:
+                   progress: str | None = None, labels: Sequence[str] | None = None,
+                   train_label_names: Sequence[str] | None = None) -> dict[str, Any]:
     """Embed ``split`` and compute every metric (see :func:`evaluate_embeddings`); adds ``embeddings`` and
-    ``{prefix}seconds`` to the result."""
+    ``{prefix}seconds`` to the result.
+
+    ``labels``: the model's labels (those it was trained with); the split's labels outside them are left out
+    (listed in the report's ``labels_not_shared``): an external set is evaluated over the labels it shares with
+    the model. ``train_label_names``: the label names of ``train_emb``'s columns, when they may differ from the
+    split's (a probe fitted on the run's training split, scored on an external set)."""
     t0 = time.time()
     if tokenizer_dir is None:
         tokenizer_dir = tempfile.mkdtemp(prefix="volvlp-tok-")
@@ -281,11 +287,29 @@ def evaluate_model(model, cfg: Config, split: str = "valid", tokenizer_dir: str 
     if emb["labels"].shape[1] != len(names):
         raise ValueError(f"samples of {cfg.shards_path}/{split} have {emb['labels'].shape[1]} labels, its manifest "
                          f"names {len(names)}")
+    dropped: list[str] = []
+    if labels is not None:
+        keep = [j for j, n in enumerate(names) if n in set(labels)]
+        dropped = [n for n in names if n not in set(labels)]
+        if not keep:
+            raise ValueError(f"{cfg.shards_path}/{split} shares no label with the model (its labels: {names}; the "
+                             f"model's: {list(labels)})")
+        if dropped:
+            console.info(f"[eval] {len(dropped)} label(s) of {split} not among the model's, left out: {dropped}")
+        emb = {**emb, "labels": emb["labels"][:, keep]}
+        names = [names[j] for j in keep]
+    if train_emb is not None and train_label_names is not None and list(train_label_names) != names:
+        missing = [n for n in names if n not in list(train_label_names)]
+        if missing:
+            raise ValueError(f"the probe's training split lacks the label(s) {missing}")
+        idx = [list(train_label_names).index(n) for n in names]
+        train_emb = {**train_emb, "labels": train_emb["labels"][:, idx]}
     pos_emb, neg_emb = prompt_embeddings(model, names, cfg.eval.prompts, cfg.data.max_text_length)
     scale = float(model.logit_scale.detach().float().exp())
     res = evaluate_embeddings(emb, pos_emb, neg_emb, scale, names, cfg, n_bootstrap=n_bootstrap,
                               train_emb=train_emb, plots_dir=plots_dir, prefix=prefix)
     res["metrics"][f"{prefix}seconds"] = time.time() - t0
+    res["report"]["labels_not_shared"] = dropped
     res["embeddings"] = emb
     if not math.isfinite(res["metrics"].get(f"{prefix}zeroshot/mean/auroc", math.nan)):
         log.warning("zero-shot AUROC undefined on %s: no label has both classes among %d volumes", split,

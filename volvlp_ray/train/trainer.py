@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from volvlp_ray import console
-from volvlp_ray.config import Config, config_to_dict
+from volvlp_ray.config import Config, ConfigError, config_to_dict
 
 __all__ = ["ClusterTooSmallError", "ensure_ray", "ensure_shards", "ensure_tokenizer", "fit_cluster", "plan_worker_cpus",
            "run_pretraining", "train_timeouts"]
@@ -227,12 +227,22 @@ def ensure_shards(cfg: Config) -> str:
     from volvlp_ray.data.prepare import prepare_options, prepare_shards, shards_ready, source_id
 
     source = cfg.data.source
+    splits: list[str] = ["train", "valid"]
     if source == "synthetic":
         from volvlp_ray.data.synthetic import generate_dataset
 
         source = str(generate_dataset(cfg.workspace_path / "data" / "synthetic", cfg.data.num_volumes,
                                       cfg.data.num_val_volumes, seed=cfg.seed))
-    if shards_ready(cfg.shards_path, prepare_options(cfg), source_id(source)):
+    else:
+        from volvlp_ray.data.ctrate import available_splits
+
+        splits = available_splits(source)
+        if "train" not in splits:
+            raise ConfigError(f"data.source={source} holds no complete train split (its splits: "
+                             f"{splits or 'none'}): pre-training needs one; an evaluation-only set "
+                             "is prepared with jobs/prepare_data.py --source DIR and evaluated with "
+                             "jobs/evaluate.py --data SHARDS")
+    if shards_ready(cfg.shards_path, prepare_options(cfg), source_id(source), splits):
         console.info(f"[data] shards ready at {cfg.shards_path}")
     else:
         prepare_shards(source, cfg.shards_path, cfg)
