@@ -43,7 +43,9 @@ def test_prepare_job_writes_verified_shards_and_a_rerun_is_a_no_op(tmp_path):
             with tarfile.open(path) as t:
                 names = t.getnames()
             vols = [m.split(".")[0] for m in names if m.endswith(".volume.npy")]
-            assert s["samples"] == len(vols) and len(names) == 3 * len(vols)
+            # volume, report, metadata and the organ label map (the synthetic generator writes one per volume)
+            assert s["samples"] == len(vols) and len(names) == 4 * len(vols)
+            assert len([m for m in names if m.endswith(".labelmap.npy")]) == len(vols)
             keys += vols
         assert len(keys) == len(set(keys)) == n == sum(s["samples"] for s in manifest["shards"])
         assert manifest["total_bytes"] == sum(s["bytes"] for s in manifest["shards"])

@@ -146,6 +146,10 @@ class DataConfig:
     """Organ-wise findings: "auto" (``metadata/{split}_organ_findings.json`` when present, else the keyword split
     of Findings_EN), "keywords" (always the keyword split), or a JSON file (path or URI)
     ``{VolumeName: {organ: text}}``; volumes without an entry keep the keyword split."""
+    label_maps: str = "auto"
+    """Organ label maps in the shards (``data/labelmaps.py``; the segmentation job's targets): "auto" stores each
+    volume's map when it has one (``labelmaps/{VolumeName}``, as the synthetic generator writes, else its
+    TotalSegmentator segmentation), resampled onto the CT's grid by nearest neighbour; "none" stores none."""
 
 
 GRAD_CHECKPOINTING_MODES = ("none", "full", "selective")

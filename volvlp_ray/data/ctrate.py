@@ -40,6 +40,7 @@ __all__ = [
     "split_label_names",
     "VolumeRecord",
     "csv_paths",
+    "find_labelmaps",
     "find_segmentations",
     "find_volumes",
     "layout_locations",
@@ -189,6 +190,10 @@ class VolumeRecord:
     """"file" (multi-label NIfTI) or "folder" (one binary mask per structure)."""
     organ_findings: dict[str, str] | None = None
     """Organ-wise findings from the JSON file; None: split ``findings`` by keywords."""
+    labelmap: str = ""
+    """Location of the volume's organ label map ("" when none): ``labelmaps/{VolumeName}`` or its segmentation."""
+    labelmap_kind: str = ""
+    """"file" (multi-label NIfTI) or "folder" (binary masks per structure)."""
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -201,6 +206,18 @@ def find_volumes(root: str | Path, split: str) -> dict[str, str]:
         return {p.name: str(p) for p in sorted(base.rglob("*.nii.gz"))}
     base = storage.child(root, split)
     return {rel.rsplit("/", 1)[-1]: storage.child(base, *rel.split("/")) for rel in storage.list_files(base, ".nii.gz")}
+
+
+def find_labelmaps(root: str | Path, names: list[str]) -> dict[str, tuple[str, str]]:
+    """``{VolumeName: (location, "file" | "folder")}`` of the volumes' organ label maps: the multi-label file
+    ``{root}/labelmaps/{VolumeName}`` (the synthetic generator's), else the volume's segmentation
+    (``find_segmentations``)."""
+    entries = storage.list_dir(storage.child(str(root), "labelmaps"))
+    found = find_segmentations(root, names)
+    for name in names:
+        if entries.get(name) == "file":
+            found[name] = (storage.child(str(root), "labelmaps", name), "file")
+    return found
 
 
 def find_segmentations(root: str | Path, names: list[str]) -> dict[str, tuple[str, str]]:
@@ -284,6 +301,7 @@ def read_split(
     split: str,
     organ_extents: str = "auto",
     organ_findings: str = "auto",
+    label_maps: str = "none",
 ) -> tuple[list[VolumeRecord], dict[str, list[str]]]:
     """Join volumes on disk with their CSV rows.
 
@@ -295,6 +313,7 @@ def read_split(
     ``segmentations`` folder; "auto" attaches both when present (the converter prefers the segmentation, per
     volume); "none" attaches neither. ``organ_findings``: "auto" (the split's JSON when present), "keywords"
     (none), or the location of a JSON file; volumes without an entry keep the keyword split (counted, logged).
+    ``label_maps``: "auto" attaches each volume's organ label map (``find_labelmaps``), "none" none.
     """
     if organ_extents not in ORGAN_EXTENT_SOURCES:
         raise ValueError(f"organ_extents must be one of {list(ORGAN_EXTENT_SOURCES)}, got {organ_extents!r}")
@@ -344,6 +363,9 @@ def read_split(
 
     usable = sorted(set(volumes) & names_with_rows)
     segs = find_segmentations(root, usable) if organ_extents in ("auto", "segmentation") else {}
+    if label_maps not in ("auto", "none"):
+        raise ValueError(f"label_maps must be 'auto' or 'none', got {label_maps!r}")
+    maps = find_labelmaps(root, usable) if label_maps == "auto" else {}
     if organ_extents == "segmentation" and len(segs) < len(usable):
         missing = [n for n in usable if n not in segs]
         log.warning("%s/%s: %d of %d volumes have no segmentation under %s; they get no organ z-extents "
@@ -388,6 +410,8 @@ def read_split(
                 segmentation=segs.get(name, ("", ""))[0],
                 segmentation_kind=segs.get(name, ("", ""))[1],
                 organ_findings=None if findings_json is None else findings_json.get(name),
+                labelmap=maps.get(name, ("", ""))[0],
+                labelmap_kind=maps.get(name, ("", ""))[1],
             )
         )
     for reason, names in problems.items():

@@ -34,7 +34,8 @@ from volvlp_ray.data import storage
 from volvlp_ray.data.negation import polarity_vector
 from volvlp_ray.data.organs import chunk_text
 from volvlp_ray.data.reader import read_shards, read_volumes, resolve_paths
-from volvlp_ray.data.shards import DecodeError, VolumeRef, decode_sample, intact_shards, read_manifest
+from volvlp_ray.data.shards import (CORE_MEMBERS, LABELMAP_MEMBER, DecodeError, VolumeRef, decode_sample,
+                                    intact_shards, read_manifest)
 from volvlp_ray.data.transforms import normalise
 
 __all__ = [
@@ -59,6 +60,7 @@ def read_samples(cfg: Config, files: list[str], **kwargs: Any):
     env = storage.task_runtime_env(*files)
     if env:
         kwargs["runtime_env"] = env
+    kwargs.setdefault("suffixes", list(CORE_MEMBERS))  # not the label maps (segmentation job only)
     if cfg.data.reader == "webdataset":
         import ray.data
 
@@ -66,6 +68,7 @@ def read_samples(cfg: Config, files: list[str], **kwargs: Any):
             raise ValueError("volume references need data.reader=shards")
         kwargs["filesystem"], files = resolve_paths(files)
         return ray.data.read_webdataset(files, decoder=None, **kwargs)
+    kwargs["refs"] = (*kwargs.get("refs", ()), LABELMAP_MEMBER)  # skipped with a seek, never read
     return read_shards(files, **kwargs)
 
 

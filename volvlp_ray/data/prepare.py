@@ -28,6 +28,7 @@ from volvlp_ray.config import Config
 from volvlp_ray.data import storage
 from volvlp_ray.data.ctrate import available_splits, read_split, split_label_names
 from volvlp_ray.data.organs import split_findings_by_organ
+from volvlp_ray.data.labelmaps import SEG_CLASSES, labelmap_on_grid, read_labelmap
 from volvlp_ray.data.segmentation import extents_from_segmentation, label_table
 from volvlp_ray.data.shards import encode_sample, write_group_shards
 from volvlp_ray.data.transforms import preprocess_volume
@@ -47,6 +48,7 @@ def prepare_options(cfg: Config) -> dict[str, Any]:
         "organ_extents": cfg.data.organ_extents,
         "segmentation_labels": storage.redact(cfg.data.segmentation_labels),
         "organ_findings": storage.redact(cfg.data.organ_findings),
+        "label_maps": cfg.data.label_maps,
         "format": 1,
     }
 
@@ -76,7 +78,7 @@ def _process_group(row: dict[str, Any]) -> dict[str, Any]:
     table = {int(k): v for k, v in opts["label_table"].items()}
     quarantined: list[dict] = []
     warnings: list[str] = []
-    sources = {"organ_extents": {}, "organ_findings": {}}
+    sources = {"organ_extents": {}, "organ_findings": {}, "labelmaps": {}}
 
     def count(kind: str, value: str) -> None:
         sources[kind][value] = sources[kind].get(value, 0) + 1
@@ -116,12 +118,36 @@ def _process_group(row: dict[str, Any]) -> dict[str, Any]:
                 "organ_findings_from": findings_from,
                 "impressions": rec["impressions"],
             }
-            yield encode_sample(rec["volume_name"].removesuffix(".nii.gz"), res.volume, report, meta)
+            labelmap, labelmap_from = _labelmap(rec, res, table, warnings)
+            count("labelmaps", labelmap_from)
+            meta["labelmap_from"] = labelmap_from
+            if labelmap is not None:
+                meta["labelmap_classes"] = list(SEG_CLASSES)
+            yield encode_sample(rec["volume_name"].removesuffix(".nii.gz"), res.volume, report, meta, labelmap)
 
     specs = write_group_shards(out_dir, group, samples(), opts["shard_max_bytes"])
     marker = {"group": group, "shards": specs, "quarantined": quarantined, "warnings": warnings, **sources}
     storage.write_json(storage.child(out_dir, "_groups", f"group-{group:05d}.json"), marker)
     return {"group": group, "samples": sum(s["samples"] for s in specs), "quarantined": len(quarantined)}
+
+
+def _labelmap(rec: dict, res, table: dict[int, str], warnings: list[str]):
+    """The volume's organ label map on its preprocessed grid (uint8 (D, H, W)) and where it came from
+    ("labelmaps", "segmentation" or "none"). A label map that cannot be used (unreadable, no known structure,
+    nothing of it on the CT's grid: a map of another scan) is a warning, never the loss of the volume."""
+    if not rec.get("labelmap"):
+        return None, "none"
+    try:
+        classes, affine = read_labelmap(rec["labelmap"], rec["labelmap_kind"], table)
+        out = labelmap_on_grid(classes, affine, res.affine, res.volume.shape[::-1])
+        if not out.any():
+            raise ValueError("no labelled voxel falls on the CT's grid: a label map of another scan?")
+        origin = "labelmaps" if "/labelmaps/" in rec["labelmap"].replace("\\", "/") else "segmentation"
+        return out, origin
+    except Exception as exc:  # noqa: BLE001 - a bad label map costs the map, not the volume
+        warnings.append(f"{rec['volume_name']}: unusable label map {storage.redact(rec['labelmap'])} "
+                        f"({type(exc).__name__}: {exc}); stored without one")
+        return None, "none"
 
 
 def _organ_extents(rec: dict, res, table: dict[int, str], warnings: list[str]) -> tuple[dict, str]:
@@ -177,7 +203,8 @@ def prepare_shards(source: str | os.PathLike, out: str | os.PathLike, cfg: Confi
     for split in splits:
         t0 = time.time()
         split_dir = storage.child(out, split)
-        records, problems = read_split(source, split, cfg.data.organ_extents, cfg.data.organ_findings)
+        records, problems = read_split(source, split, cfg.data.organ_extents, cfg.data.organ_findings,
+                                       cfg.data.label_maps)
         plan_path = storage.child(split_dir, "_plan.json")
         names = [r.volume_name for r in records]
         if not records:
@@ -231,7 +258,7 @@ def prepare_shards(source: str | os.PathLike, out: str | os.PathLike, cfg: Confi
 def _finalise(split_dir: str, split: str, n_groups: int, problems: dict, opts: dict, sid: str,
               label_names: list[str]) -> dict:
     shards, quarantine, warnings = [], [], []
-    sources: dict[str, dict[str, int]] = {"organ_extents": {}, "organ_findings": {}}
+    sources: dict[str, dict[str, int]] = {"organ_extents": {}, "organ_findings": {}, "labelmaps": {}}
     for g in range(n_groups):
         marker = storage.read_json(storage.child(split_dir, "_groups", f"group-{g:05d}.json"))
         shards.extend(marker["shards"])
@@ -256,6 +283,7 @@ def _finalise(split_dir: str, split: str, n_groups: int, problems: dict, opts: d
         "num_warnings": len(warnings),
         "organ_extents_from": dict(sorted(sources["organ_extents"].items())),
         "organ_findings_from": dict(sorted(sources["organ_findings"].items())),
+        "labelmaps_from": dict(sorted(sources["labelmaps"].items())),
     }
     # the manifest comes last: a reader (or shards_ready) never sees one before everything it names exists
     storage.write_json(storage.child(split_dir, "quarantine.json"), {"quarantined": quarantine, "warnings": warnings})

@@ -147,7 +147,8 @@ def iter_samples(stream: Any, url: str, suffixes: list[str] | None = None,
     As ``read_webdataset``: a sample's members must be adjacent in the tar, and a suffix may appear once per
     sample (either raises ``ValueError``); ``suffixes`` keeps only those members. A suffix in ``refs`` gives
     the columns ``suffix`` (the member's first bytes), ``suffix.offset`` and ``suffix.size`` (where its data
-    lies in the tar) instead of its bytes (``iter_members``)."""
+    lies in the tar) instead of its bytes (``iter_members``); a member in ``refs`` but not in ``suffixes`` is
+    skipped with a seek, unread (how readers other than the segmentation job skip ``labelmap.npy``)."""
     sample: dict[str, Any] | None = None
     seen: set[str] = set()
     for name, data in iter_members(stream, url, refs):
@@ -166,7 +167,8 @@ def iter_samples(stream: Any, url: str, suffixes: list[str] | None = None,
         if suffix in sample:
             raise ValueError(f"{url}: sample {key!r} has two {suffix!r} members")
         if isinstance(data, MemberRef):
-            sample.update({suffix: data.head, f"{suffix}.offset": data.offset, f"{suffix}.size": data.size})
+            if suffixes is None or suffix in suffixes:
+                sample.update({suffix: data.head, f"{suffix}.offset": data.offset, f"{suffix}.size": data.size})
         elif suffixes is None or suffix in suffixes:
             sample[suffix] = data
     if sample is not None and len(sample) > 1:

@@ -45,7 +45,7 @@ _MEDIASTINAL = "_mediastinal"  # not a group of its own: the input of the derive
 
 def _totalseg_v2() -> dict[int, str]:
     """TotalSegmentator v2, task "total": the label ids of the structures this module uses (others are ignored)."""
-    table = {10: "lung_upper_lobe_left", 11: "lung_lower_lobe_left", 12: "lung_upper_lobe_right",
+    table = {5: "liver", 10: "lung_upper_lobe_left", 11: "lung_lower_lobe_left", 12: "lung_upper_lobe_right",
              13: "lung_middle_lobe_right", 14: "lung_lower_lobe_right", 15: "esophagus", 16: "trachea",
              25: "sacrum", 51: "heart", 52: "aorta", 53: "pulmonary_vein", 54: "brachiocephalic_trunk",
              59: "brachiocephalic_vein_left", 60: "brachiocephalic_vein_right", 61: "atrial_appendage_left",

@@ -54,16 +54,31 @@ log = logging.getLogger(__name__)
 ShardSpec = dict  # {"name": str, "samples": int, "bytes": int, "sha256": str}
 
 
-def encode_sample(key: str, volume: np.ndarray, report: str, meta: dict) -> list[tuple[str, bytes]]:
+CORE_MEMBERS: tuple[str, ...] = ("meta.json", "report.txt", "volume.npy")
+"""The members every sample has (what training, evaluation and validation read)."""
+LABELMAP_MEMBER = "labelmap.npy"
+"""The optional organ label map member: uint8 (D, H, W) class indices (``labelmaps.SEG_CLASSES``), the volume's
+grid; read only by the segmentation job (other readers skip it with a seek)."""
+
+
+def encode_sample(key: str, volume: np.ndarray, report: str, meta: dict,
+                  labelmap: np.ndarray | None = None) -> list[tuple[str, bytes]]:
     if "." in key:
         raise ValueError(f"sample key {key!r} must not contain '.'")
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(volume, dtype=np.int16), allow_pickle=False)
-    return [
+    members = [
         (f"{key}.meta.json", json.dumps(meta).encode("utf-8")),
         (f"{key}.report.txt", report.encode("utf-8")),
         (f"{key}.volume.npy", buf.getvalue()),
     ]
+    if labelmap is not None:
+        if labelmap.shape != volume.shape:
+            raise ValueError(f"{key}: label map shape {labelmap.shape} differs from the volume's {volume.shape}")
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(labelmap, dtype=np.uint8), allow_pickle=False)
+        members.append((f"{key}.{LABELMAP_MEMBER}", buf.getvalue()))
+    return members
 
 
 def _sha256(path: Path) -> str:

@@ -5,7 +5,9 @@ and stored the way scanners store it: int16 raw values (HU = slope*raw + interce
 the metadata CSV), an LPS-like affine (the first two axes flipped, so readers must canonicalise), varying
 in-plane spacing, z spacing and number of slices. Sixteen of the 18 CT-RATE abnormalities are rendered
 with plausible HU at plausible places; the report describes every present one and many absent ones
-(negated), with varied wording, organ by organ. Organ z-extents (mm, RAS) are written as ground truth.
+(negated), with varied wording, organ by organ. Organ z-extents (mm, RAS) are written as ground truth, and an organ
+label map per volume (``labelmaps/{VolumeName}``: TotalSegmentator v2 ids of the lung lobes, heart, aorta, trachea,
+a vertebra for the spine and the liver, stored in RAS order with its own affine, unlike the CT).
 
     generate_dataset("workspace/data/synthetic", num_train=192, num_valid=64, seed=0)
 """
@@ -115,8 +117,16 @@ def _cylinder(grid, cx, cy, r, z0, z1):
     return (((x - cx) / r) ** 2 + ((y - cy) / r) ** 2 <= 1.0) & (z >= z0) & (z <= z1)
 
 
-def _render(rng: np.random.Generator, labels: dict[str, int], grid, extent: float) -> np.ndarray:
-    """HU volume (X, Y, Z) in RAS order for the given labels."""
+# TotalSegmentator v2 "total" ids of the structures the phantom renders (its label maps use them)
+_TS_IDS = {"liver": 5, "lung_upper_lobe_left": 10, "lung_lower_lobe_left": 11, "lung_upper_lobe_right": 12,
+           "lung_lower_lobe_right": 14, "trachea": 16, "vertebrae_T6": 38, "heart": 51, "aorta": 52}
+
+
+def _render(rng: np.random.Generator, labels: dict[str, int], grid, extent: float,
+            with_labelmap: bool = False):
+    """HU volume (X, Y, Z) in RAS order for the given labels; with ``with_labelmap`` also the organ label map
+    (X, Y, Z) uint8 of TotalSegmentator ids (``_TS_IDS``), painted in the order the tissues are (what is seen is
+    what is labelled; lesions keep their organ's label). The label map draws nothing from ``rng``."""
     x, y, z = grid
     E = extent
     s = rng.uniform(0.92, 1.08)
@@ -129,6 +139,8 @@ def _render(rng: np.random.Generator, labels: dict[str, int], grid, extent: floa
     hu[medi & inner] = -70.0  # mediastinal fat
     liver = _ellipsoid(grid, (55 * s, 5, 0.04 * E), (90 * s, 78 * s, 0.24 * E))
     hu[liver & inner] = 60.0
+    seg = np.zeros(hu.shape, dtype=np.uint8)
+    seg[liver & inner] = _TS_IDS["liver"]
 
     lung = np.zeros(hu.shape, dtype=bool)
     lz0, lz1 = ORGAN_EXTENT["lung"]
@@ -136,6 +148,12 @@ def _render(rng: np.random.Generator, labels: dict[str, int], grid, extent: floa
         lung |= _ellipsoid(grid, (side * 72 * s, -5, (lz0 + lz1) / 2 * E), (50 * s, 74 * s, (lz1 - lz0) / 2 * E))
     lung &= inner
     hu[lung] = -860.0 + rng.normal(0, 15, size=lung.sum())
+    upper = np.broadcast_to(z >= (lz0 + lz1) / 2 * E, hu.shape)
+    right = np.broadcast_to(x > 0, hu.shape)
+    for (is_right, is_upper), name in {(False, True): "lung_upper_lobe_left", (False, False): "lung_lower_lobe_left",
+                                        (True, True): "lung_upper_lobe_right",
+                                        (True, False): "lung_lower_lobe_right"}.items():
+        seg[lung & (right == is_right) & (upper == is_upper)] = _TS_IDS[name]
 
     hz0, hz1 = ORGAN_EXTENT["heart"]
     hscale = 1.38 if labels["Cardiomegaly"] else 1.0
@@ -146,12 +164,16 @@ def _render(rng: np.random.Generator, labels: dict[str, int], grid, extent: floa
         hu[shell] = 5.0
     heart = _ellipsoid(grid, hc, hr)
     hu[heart] = 130.0
+    seg[heart] = _TS_IDS["heart"]
     aorta = _cylinder(grid, -25 * s, -48, 13, 0.05 * E, 0.64 * E) | _cylinder(grid, -4 * s, 22, 15, 0.45 * E, 0.66 * E)
     hu[aorta] = 130.0
+    seg[aorta] = _TS_IDS["aorta"]
     trachea = _cylinder(grid, 0, 12, 9, 0.62 * E, E)
     hu[trachea] = -1000.0
+    seg[trachea] = _TS_IDS["trachea"]
     spine = _cylinder(grid, 0, -85 * s, 19, -1, E + 1)
     hu[spine] = 450.0
+    seg[spine] = _TS_IDS["vertebrae_T6"]
     hu[_cylinder(grid, 0, -85 * s, 11, -1, E + 1)] = 250.0
 
     def in_lung_spot(radius):
@@ -216,7 +238,7 @@ def _render(rng: np.random.Generator, labels: dict[str, int], grid, extent: floa
     if labels["Pleural effusion"]:
         hu[lung & (y < -42) & (z < 0.58 * E)] = 10.0
     hu += rng.normal(0, 12, size=hu.shape).astype(np.float32)
-    return hu
+    return (hu, seg) if with_labelmap else hu
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -282,7 +304,7 @@ def make_case(seed: int, split: str, index: int) -> dict:
     xs = ((np.arange(n_xy) - (n_xy - 1) / 2) * xy_sp).astype(np.float32)
     zs = (np.arange(n_z) * z_sp + z_sp / 2).astype(np.float32)
     grid = (xs[:, None, None], xs[None, :, None], zs[None, None, :])
-    hu = _render(rng, labels, grid, extent)
+    hu, seg = _render(rng, labels, grid, extent, with_labelmap=True)
     slope, intercept = (1.0, -1024.0) if rng.random() < 0.7 else (1.0, -1000.0)
     raw = np.clip(np.round((hu - intercept) / slope), -32768, 32767).astype(np.int16)
     stored = raw[::-1, ::-1, :].copy()  # L->R and P->A flipped: an LPS-like storage order
@@ -291,12 +313,18 @@ def make_case(seed: int, split: str, index: int) -> dict:
         [[-xy_sp, 0, 0, half], [0, -xy_sp, 0, half], [0, 0, z_sp, float(zs[0])], [0, 0, 0, 1]], dtype=np.float64
     )
     findings, impressions, organ_text = _report(rng, labels)
+    # the label map is stored in RAS order (not flipped like the CT): readers must use each file's own affine
+    labelmap_affine = np.array(
+        [[xy_sp, 0, 0, -half], [0, xy_sp, 0, -half], [0, 0, z_sp, float(zs[0])], [0, 0, 0, 1]], dtype=np.float64
+    )
     organs = {o: [ORGAN_EXTENT[o][0] * extent, ORGAN_EXTENT[o][1] * extent] for o in ORGAN_EXTENT}
     p, sdx, r = index // 4 + 1, "abcd"[index % 4 // 2], index % 2 + 1
     return {
         "volume_name": f"{split}_{p}_{sdx}_{r}.nii.gz",
         "stored": stored,
         "affine": affine,
+        "labelmap": seg,
+        "labelmap_affine": labelmap_affine,
         "slope": slope,
         "intercept": intercept,
         "xy_spacing": (xy_sp, xy_sp),
@@ -320,6 +348,14 @@ def _write_case(args: tuple[str, int, str, int]) -> dict:
     tmp = path.with_name(path.name + ".tmp.nii.gz")
     nib.save(img, tmp)
     os.replace(tmp, path)
+    seg_path = Path(root) / "labelmaps" / case["volume_name"]  # TotalSegmentator-style multi-label file
+    seg_path.parent.mkdir(parents=True, exist_ok=True)
+    seg = nib.Nifti1Image(case.pop("labelmap"), case.pop("labelmap_affine"))
+    seg.set_data_dtype(np.uint8)
+    seg.header.set_xyzt_units("mm", "sec")
+    tmp = seg_path.with_name(seg_path.name + ".tmp.nii.gz")
+    nib.save(seg, tmp)
+    os.replace(tmp, seg_path)
     return case
 
 
@@ -334,7 +370,7 @@ def generate_dataset(
     """Write the synthetic dataset to ``root`` in the CT-RATE layout (skipped when already complete)."""
     root = Path(root)
     stamp = root / "COMPLETE.json"
-    want = {"num_train": num_train, "num_valid": num_valid, "seed": seed, "version": 2}
+    want = {"num_train": num_train, "num_valid": num_valid, "seed": seed, "version": 3}  # 3: label maps
     if stamp.is_file() and json.loads(stamp.read_text()) == want:
         if progress:
             console.info(f"[data] synthetic dataset already at {root} ({num_train} train / {num_valid} valid)")

@@ -40,6 +40,9 @@ class PreprocessResult:
     z_origin_mm: float
     """RAS z (mm) of the centre of slice 0 of ``volume``."""
     warnings: list[str]
+    affine: np.ndarray | None = None
+    """4x4 voxel (x, y, z) -> RAS mm of ``volume``'s grid (index ``volume[z, y, x]``): what label maps are
+    resampled onto (``labelmaps.labelmap_on_grid``)."""
 
 
 def load_nifti_hu(path: str, slope: float, intercept: float) -> tuple[np.ndarray, np.ndarray]:
@@ -101,6 +104,7 @@ def preprocess_volume(
         source_spacing=(float(src_zooms[2]), float(src_zooms[1]), float(src_zooms[0])),
         z_origin_mm=z_origin,
         warnings=warnings,
+        affine=np.asarray(img.affine, dtype=np.float64),
     )
 
 

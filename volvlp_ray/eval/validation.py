@@ -47,6 +47,7 @@ def read_subset(cfg: Config, split: str, tokenizer_dir: str, n: int) -> list[dic
     from volvlp_ray.data import storage
     from volvlp_ray.data.pipeline import _ToRow, shard_files
     from volvlp_ray.data.reader import iter_samples
+    from volvlp_ray.data.shards import CORE_MEMBERS, LABELMAP_MEMBER
 
     to_row = _ToRow(cfg, tokenizer_dir, training=False)
     rows: list[dict[str, Any]] = []
@@ -57,7 +58,8 @@ def read_subset(cfg: Config, split: str, tokenizer_dir: str, n: int) -> list[dic
         else:
             stream = open(storage.normalise(location), "rb")
         with stream:
-            for sample in iter_samples(stream, location, refs=("volume.npy",)):
+            for sample in iter_samples(stream, location, suffixes=list(CORE_MEMBERS),
+                                       refs=("volume.npy", LABELMAP_MEMBER)):
                 rows += to_row(sample)
                 if len(rows) >= n:
                     return rows[:n]
