@@ -311,3 +311,48 @@ def test_external_set_is_evaluated_over_the_shared_labels(workspace, latest, ray
     for label in report["label_names"]:
         assert report["zeroshot"]["per_label"][label]["auroc"] == \
             pytest.approx(unrestricted["zeroshot"]["per_label"][label]["auroc"], nan_ok=True)
+
+
+def test_segmentation_job(workspace, latest, ray_session, tmp_path) -> None:
+    """``jobs/segmentation.py`` (in this process, on the session's Ray): both heads on the pre-trained and on a
+    random encoder, a Dice per organ present in the held-out label maps, overlays, the JSON report and the same
+    figures in the training run's MLflow metrics; shards without label maps are refused clearly."""
+    import importlib.util
+
+    from mlflow.tracking import MlflowClient
+
+    spec = importlib.util.spec_from_file_location("segmentation_job", ROOT / "jobs" / "segmentation.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    out = tmp_path / "seg.json"
+    report = job.run_segmentation("latest", overrides=[f"workspace={workspace}", "segmentation.steps=3",
+                                                       "segmentation.crop=[8,64,64]", "segmentation.eval_volumes=3",
+                                                       "segmentation.overlays=2"], out=str(out))
+    assert set(report["variants"]) == {"linear/pretrained", "linear/random", "unetr/pretrained", "unetr/random"}
+    assert report["n_eval"] == 3 and report["global_batch"] == 8
+    for name, v in report["variants"].items():
+        present = {c: d for c, d in v["dice"].items() if d is not None}
+        assert {"lung", "heart", "bones"} <= set(present) and "esophagus" not in present  # none rendered
+        assert all(0.0 <= d <= 1.0 for d in present.values())
+        assert v["dice_mean"] == pytest.approx(np.mean(list(present.values())))
+    assert json.loads(out.read_text())["variants"] == report["variants"]
+    assert {Path(p).name for p in Path(report["results_dir"]).glob("overlay_*.png")} == \
+        {"overlay_linear.png", "overlay_unetr.png"}
+    client, run = _training_run(workspace)
+    assert report["mlflow"]["run_id"] == run.info.run_id
+    metrics = MlflowClient(report["mlflow"]["tracking_uri"]).get_run(run.info.run_id).data.metrics
+    assert metrics["segmentation/unetr/pretrained/dice/mean"] == pytest.approx(
+        report["variants"]["unetr/pretrained"]["dice_mean"])
+    assert metrics["segmentation/linear/random/dice/heart"] == pytest.approx(
+        report["variants"]["linear/random"]["dice"]["heart"])
+    assert {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "segmentation")} == \
+        {"overlay_linear.png", "overlay_unetr.png", "segmentation.json"}
+    # shards made without label maps: one clear error before any training
+    bare = tmp_path / "bare"
+    shutil.copytree(workspace / "shards", bare)
+    for split in ("train", "valid"):
+        manifest = json.loads((bare / split / "manifest.json").read_text())
+        manifest["labelmaps_from"] = {"none": manifest["num_samples"]}
+        (bare / split / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FileNotFoundError, match="hold no organ label maps"):
+        job.run_segmentation("latest", overrides=[f"workspace={workspace}", f"data.shards_dir={bare}"])

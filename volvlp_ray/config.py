@@ -29,6 +29,7 @@ __all__ = [
     "LossConfig",
     "ModelConfig",
     "ScalingConfig",
+    "SegmentationConfig",
     "TrackingConfig",
     "TrainConfig",
     "config_from_dict",
@@ -457,6 +458,55 @@ class AblationConfig:
 
 
 @dataclass
+class SegmentationConfig:
+    """``jobs/segmentation.py``: segmentation heads on the pre-trained ViT3D, trained on the shards' organ label
+    maps (``data.label_maps``), each also on a randomly initialised encoder (ignored by other jobs)."""
+
+    heads: list[str] = field(default_factory=lambda: ["linear", "unetr"])
+    """Heads to train: "linear" (a linear layer per patch token of the frozen encoder's last layer, unpatchified
+    to voxels) and "unetr" (a light UNETR-style decoder: MONAI's UNETR up-blocks over three of the encoder's
+    layers and a convolution stem of the image)."""
+    encoder: str = "frozen"
+    """The UNETR head's encoder: "frozen" or "tuned" (fine-tuned at ``encoder_lr``); the linear probe's is always
+    frozen."""
+    random_baseline: bool = True
+    """Train every head also on a randomly initialised encoder of the same architecture (the value of
+    pre-training)."""
+    steps: int = 150
+    """Optimizer steps per head and encoder."""
+    batch_size: int = 4
+    """Crops per worker per step."""
+    lr: float = 3e-3
+    """AdamW learning rate of the heads (cosine decay, 10 % warm-up)."""
+    encoder_lr: float = 1e-4
+    """Learning rate of a tuned encoder."""
+    crop: list[int] = field(default_factory=lambda: [16, 64, 64])
+    """Training crop (z, y, x) voxels (multiples of the patch; padded with air and background where a volume is
+    smaller) and the sliding window of inference."""
+    decoder_channels: int = 16
+    """UNETR head: channels of every decoder stage."""
+    eval_volumes: int = 32
+    """Held-out volumes (the first in shard order with a label map) for the Dice; 0 = all."""
+    sw_overlap: float = 0.25
+    """Sliding-window inference: overlap of neighbouring windows (MONAI ``sliding_window_inference``)."""
+    overlays: int = 3
+    """Held-out volumes drawn as overlays (CT slice, ground truth, each encoder's prediction)."""
+
+    def __post_init__(self) -> None:
+        if not self.heads or any(h not in ("linear", "unetr") for h in self.heads):
+            raise ConfigError(f"segmentation.heads must be a non-empty list of 'linear' / 'unetr', got {self.heads}")
+        if self.encoder not in ("frozen", "tuned"):
+            raise ConfigError(f"segmentation.encoder={self.encoder!r} is not one of ['frozen', 'tuned']")
+        if len(self.crop) != 3 or min(self.crop) < 1:
+            raise ConfigError(f"segmentation.crop must be three positive ints (z, y, x), got {self.crop}")
+        for name in ("steps", "batch_size", "decoder_channels"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"segmentation.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.sw_overlap < 1.0:
+            raise ConfigError(f"segmentation.sw_overlap must be in [0, 1), got {self.sw_overlap}")
+
+
+@dataclass
 class Config:
     workspace: str = "workspace"
     """Folder holding data, shards, runs and the default MLflow database."""
@@ -472,6 +522,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
 
     def __post_init__(self) -> None:
         validate(self)

@@ -298,10 +298,13 @@ class ViT3D(nn.Module):
         z = torch.arange(gz, device=depths.device)
         return (z[None, :] < nz[:, None]).repeat_interleave(gy * gx, dim=1)
 
-    def forward_tokens(self, x: Tensor, depths: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward_tokens(self, x: Tensor, depths: Tensor | None = None,
+                       collect: tuple[int, ...] = ()) -> tuple[Tensor, Tensor | None]:
         """x (B, C, D, H, W) -> (normed tokens (B, L, dim), valid bool (B, L) or None).
 
         L = n_prefix + gz*gy*gx (n_prefix = 1 with the CLS token, else 0), tokens in z-major order.
+        ``collect``: block indices whose outputs (patch tokens only, (B, gz*gy*gx, dim), before the final norm) are
+        set as ``self.collected`` (a list, by each call that collects) for dense heads (``downstream/segmentation``).
         """
         self._check(x, depths)
         tokens = self.patch_embed(x)  # (B, dim, gz, gy, gx)
@@ -322,11 +325,16 @@ class ViT3D(nn.Module):
         if mask is not None:
             self.masked_attention_calls += len(self.blocks) + (self.attn_pool is not None)
         mode = self.grad_checkpointing if self.training and torch.is_grad_enabled() else "none"
-        for blk in self.blocks:
+        collected: list[Tensor] = []
+        for i, blk in enumerate(self.blocks):
             if mode == "full":
                 tokens = checkpoint(blk, tokens, cos, sin, mask, use_reentrant=False)
             else:
                 tokens = blk(tokens, cos, sin, mask, checkpoint_mlp=mode == "selective")
+            if i in collect:
+                collected.append(tokens[:, n_prefix:])
+        if collect:
+            self.collected = collected
         return self.norm(tokens), valid
 
     def forward(self, x: Tensor, depths: Tensor | None = None) -> Tensor:

@@ -1,0 +1,179 @@
+"""Train and evaluate organ segmentation heads on a pre-trained ViT3D (a Ray Train job).
+
+    python jobs/segmentation.py --checkpoint latest                          # newest run in ./workspace
+    python jobs/segmentation.py --checkpoint latest workspace=/mnt/volvlp segmentation.encoder=tuned --out seg.json
+    python jobs/segmentation.py --checkpoint path/to/export segmentation.heads=[unetr] segmentation.steps=2000
+
+For each head (a linear probe per patch, a UNETR-style decoder) and each encoder (the pre-trained one and a randomly
+initialised one), trains on the training split's organ label maps and reports the Dice per organ on held-out
+volumes (sliding-window inference), with overlay pictures. Logs to the pre-training run in MLflow (else to a new
+run), writes a JSON report (--out). Joins the Ray cluster at $RAY_ADDRESS when set. See
+``volvlp_ray/downstream/segmentation.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from volvlp_ray import console
+from volvlp_ray.config import ConfigError, add_verbose_flag, apply_verbose_flag, config_to_dict
+
+
+def _label_map_problem(cfg) -> str | None:
+    from volvlp_ray.data import storage
+    from volvlp_ray.data.shards import read_manifest
+
+    for split in ("train", "valid"):
+        location = storage.child(storage.normalise(cfg.shards_path), split)
+        try:
+            manifest = read_manifest(location)
+        except (FileNotFoundError, OSError):
+            return f"no shards at {storage.redact(location)} (pre-train in workspace={cfg.workspace} first)"
+        with_maps = sum(n for k, n in manifest.get("labelmaps_from", {}).items() if k != "none")
+        if not with_maps:
+            return (f"the {split} shards at {storage.redact(location)} hold no organ label maps (made before label "
+                    "maps existed, with data.label_maps=none, or from a source without labelmaps/ or segmentations/): "
+                    "rebuild them with jobs/prepare_data.py")
+    return None
+
+
+def _log_to_mlflow(cfg, ref, metrics: dict[str, float], files: list[str]) -> dict[str, str]:
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    from volvlp_ray.eval.job import _find_run
+    from volvlp_ray.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(cfg)
+    client = MlflowClient(uri)
+    run = _find_run(client, cfg.tracking.experiment, ref.run_name)
+    if run is not None:
+        run_id, where = run.info.run_id, "the training run"
+    else:
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+        run_id = client.create_run(exp_id, run_name=f"segmentation-{ref.run_name or ref.export_dir.name}-"
+                                   f"{time.strftime('%Y%m%d-%H%M%S')}",
+                                   tags={"volvlp.kind": "segmentation"}).info.run_id
+        client.log_batch(run_id, params=[Param("checkpoint", str(ref.export_dir)[:6000])])
+        where = "a new run"
+    step = ref.step if ref.step is not None else cfg.train.steps
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(v)]
+    for i in range(0, len(batch), 500):
+        client.log_batch(run_id, metrics=batch[i:i + 500])
+    for f in files:
+        client.log_artifact(run_id, f, "segmentation")
+    if run is None:
+        client.set_terminated(run_id, "FINISHED")
+    return {"tracking_uri": uri, "run_id": run_id, "logged_to": where}
+
+
+def run_segmentation(checkpoint: str, config_file: str | None = None, overrides: list[str] | None = None,
+                     out: str | None = None, mlflow: bool = True) -> dict:
+    """The whole job; returns the JSON report as a dict."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from volvlp_ray.downstream.segmentation import train_dataset, train_loop_per_worker
+    from volvlp_ray.eval.checkpoint import resolve_checkpoint, run_config_of
+    from volvlp_ray.eval.job import build_eval_config
+    from volvlp_ray.train.trainer import ensure_ray, runs_storage
+
+    t0 = time.time()
+    overrides = list(overrides or [])
+    pre, _ = build_eval_config(None, config_file, overrides)
+    log_path = console.setup_logging(pre.workspace_path / "logs", f"segmentation-{time.strftime('%Y%m%d-%H%M%S')}")
+    ref = resolve_checkpoint(checkpoint, pre.workspace_path)
+    cfg, _ = build_eval_config(run_config_of(ref.export_dir), config_file, overrides)
+    s = cfg.segmentation
+    if any(c % p for c, p in zip(s.crop, cfg.model.patch)):
+        raise ConfigError(f"segmentation.crop={s.crop} must be a multiple of the model's patch {cfg.model.patch}")
+    problem = _label_map_problem(cfg)
+    if problem:
+        raise FileNotFoundError(problem)
+    console.info(f"[seg] checkpoint: {ref.export_dir} (run {ref.run_name or 'unknown'}); heads {s.heads}, encoders "
+                 f"pre-trained{' and random' if s.random_baseline else ''} ({'tuned' if s.encoder == 'tuned' else 'frozen'}"
+                 f" for unetr), {s.steps} steps each, crops {s.crop}, {cfg.scaling.num_workers} workers")
+    ensure_ray(cfg)
+    run_name = f"segmentation-{ref.run_name or 'model'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    env = {"env_vars": {"OMP_NUM_THREADS": str(cfg.scaling.cpus_per_worker), "TOKENIZERS_PARALLELISM": "false",
+                        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+    if not cfg.scaling.use_gpu:
+        env["env_vars"]["DS_ACCELERATOR"] = "cpu"
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    with console.Relay() as relay:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"config": config_to_dict(cfg), "export_dir": str(ref.export_dir),
+                               "console": relay.handle},
+            torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                         resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+            run_config=RunConfig(name=run_name, storage_path=runs_storage(cfg), worker_runtime_env=env),
+            datasets={"train": train_dataset(cfg, cfg.seed)},
+        )
+        result = trainer.fit()
+    if result.error:
+        raise result.error
+    folder = Path(result.checkpoint.path)
+    report = json.loads((folder / "segmentation.json").read_text())
+    report.update(checkpoint={"export_dir": str(ref.export_dir), "run_name": ref.run_name, "step": ref.step},
+                  results_dir=str(folder), seconds=time.time() - t0, shards_dir=cfg.shards_path,
+                  config=config_to_dict(cfg)["segmentation"])
+    files = sorted(str(p) for p in folder.glob("overlay_*.png"))
+    (folder / "segmentation.json").write_text(json.dumps(report, indent=1))
+    if mlflow:
+        report["mlflow"] = _log_to_mlflow(cfg, ref, result.metrics, [*files, str(folder / "segmentation.json")])
+    if out:
+        Path(out).expanduser().absolute().parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(folder / "segmentation.json", Path(out).expanduser().absolute())
+    rows = []
+    for name, e in report["variants"].items():
+        per = ", ".join(f"{c} {v:.2f}" for c, v in e["dice"].items() if v is not None)
+        rows.append((name, f"mean Dice {e['dice_mean']:.3f} ({per}); {e['train_seconds']:.0f} s training"))
+    console.summary("segmentation done", [
+        *rows,
+        ("held-out", f"{report['n_eval']} volumes of {cfg.shards_path}/valid, sliding window {s.crop}"),
+        ("overlays", ", ".join(files) or None),
+        ("MLflow", f"{report['mlflow']['logged_to']} {report['mlflow']['run_id']}" if "mlflow" in report else None),
+        ("JSON", str(Path(out).expanduser().absolute()) if out else str(folder / "segmentation.json")),
+        ("time", f"{report['seconds']:.0f} s"),
+        ("logs", log_path),
+    ])
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True,
+                        help="'latest', an export folder (vlp_config.json) or a Ray Train checkpoint folder (export/)")
+    parser.add_argument("--config", default=None, help="YAML file: a partial config tree (over the run's config)")
+    parser.add_argument("--out", default=None, help="write the JSON report here")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. segmentation.steps=300 workspace=ws")
+    add_verbose_flag(parser)
+    args = parser.parse_intermixed_args(argv)
+    apply_verbose_flag(args)
+    from volvlp_ray.eval.checkpoint import CheckpointError
+
+    try:
+        run_segmentation(args.checkpoint, args.config, args.overrides, args.out, mlflow=not args.no_mlflow)
+    except (ConfigError, CheckpointError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,2 @@
+"""Downstream tasks of a pre-trained encoder (beyond ``volvlp_ray.eval``'s retrieval and classification):
+``segmentation`` (organ segmentation heads on the ViT3D, ``jobs/segmentation.py``)."""
