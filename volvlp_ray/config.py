@@ -476,7 +476,7 @@ class SegmentationConfig:
     """Optimizer steps per head and encoder."""
     batch_size: int = 4
     """Crops per worker per step."""
-    lr: float = 3e-3
+    lr: float = 1e-2
     """AdamW learning rate of the heads (cosine decay, 10 % warm-up)."""
     encoder_lr: float = 1e-4
     """Learning rate of a tuned encoder."""

@@ -281,7 +281,8 @@ def _overlay_figure(cases: list[dict[str, Any]], title: str):
     names = [k for k in cases[0]["pred"]]
     cols = 2 + len(names)
     fig = _figure(2.4 * cols, 2.4 * len(cases) + 0.6)
-    colours = ["#00000000", "#4c9be8", "#e8574c", "#f2b134", "#7fd34e", "#b06ad9", "#f5f5f5", "#8c5a3c"]
+    # background (transparent), lung, heart, aorta, airways, esophagus, bones, liver
+    colours = ["#00000000", "#4c9be8", "#e8574c", "#ff8c1a", "#7fd34e", "#b06ad9", "#ffe119", "#8c5a3c"]
     cmap = ListedColormap(colours[:N_CLASSES])
     for r, case in enumerate(cases):
         k = int(np.argmax((case["labels"] > 0).sum(axis=(1, 2))))
