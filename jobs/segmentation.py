@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -45,35 +44,17 @@ def _label_map_problem(cfg) -> str | None:
 
 
 def _log_to_mlflow(cfg, ref, metrics: dict[str, float], files: list[str]) -> dict[str, str]:
-    from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
+    """Metrics at the checkpoint's step and the files under ``segmentation/``, to the pre-training run (else a new
+    run tagged ``volvlp.kind=segmentation``)."""
+    from volvlp_ray.eval.job import log_metrics_at, target_run
 
-    from volvlp_ray.eval.job import _find_run
-    from volvlp_ray.tracking import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(cfg)
-    client = MlflowClient(uri)
-    run = _find_run(client, cfg.tracking.experiment, ref.run_name)
-    if run is not None:
-        run_id, where = run.info.run_id, "the training run"
-    else:
-        exp = client.get_experiment_by_name(cfg.tracking.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
-        run_id = client.create_run(exp_id, run_name=f"segmentation-{ref.run_name or ref.export_dir.name}-"
-                                   f"{time.strftime('%Y%m%d-%H%M%S')}",
-                                   tags={"volvlp.kind": "segmentation"}).info.run_id
-        client.log_batch(run_id, params=[Param("checkpoint", str(ref.export_dir)[:6000])])
-        where = "a new run"
-    step = ref.step if ref.step is not None else cfg.train.steps
-    now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(v)]
-    for i in range(0, len(batch), 500):
-        client.log_batch(run_id, metrics=batch[i:i + 500])
+    client, run_id, where, created = target_run(cfg, ref, "segmentation", {"checkpoint": str(ref.export_dir)})
+    log_metrics_at(client, run_id, metrics, ref.step if ref.step is not None else cfg.train.steps)
     for f in files:
         client.log_artifact(run_id, f, "segmentation")
-    if run is None:
+    if created:
         client.set_terminated(run_id, "FINISHED")
-    return {"tracking_uri": uri, "run_id": run_id, "logged_to": where}
+    return {"tracking_uri": client.tracking_uri, "run_id": run_id, "logged_to": where}
 
 
 def run_segmentation(checkpoint: str, config_file: str | None = None, overrides: list[str] | None = None,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from volvlp_ray.data import storage
+from volvlp_ray.data.segmentation import _canonical
 
 __all__ = ["SEG_CLASSES", "labelmap_on_grid", "read_labelmap", "structure_class"]
 
@@ -46,17 +47,6 @@ def structure_class(structure: str) -> int:
         return SEG_CLASSES.index("bones")
     group = _BY_NAME.get(structure)
     return SEG_CLASSES.index(group) if group else 0
-
-
-def _canonical(location: str):
-    import nibabel as nib
-
-    img = storage.load_nifti(location)
-    if len(img.shape) == 4 and img.shape[3] == 1:
-        img = img.slicer[..., 0]
-    if len(img.shape) != 3 or min(img.shape) == 0:
-        raise ValueError(f"{storage.redact(location)}: expected a 3-D label map, got shape {img.shape}")
-    return nib.as_closest_canonical(img)
 
 
 def read_labelmap(location: str, kind: str, table: dict[int, str]) -> tuple[np.ndarray, np.ndarray]:

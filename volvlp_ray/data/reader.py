@@ -32,7 +32,7 @@ from typing import Any, Iterator, NamedTuple
 import numpy as np
 from ray.data.datasource import FileBasedDatasource
 
-__all__ = ["MemberRef", "ShardReadError", "ShardDatasource", "iter_members", "iter_samples", "read_shards",
+__all__ = ["MemberRef", "ShardReadError", "ShardDatasource", "iter_members", "iter_samples", "open_shard", "read_shards",
            "read_volumes", "resolve_paths"]
 
 _RECORD = 512
@@ -138,6 +138,16 @@ def iter_members(stream: Any, url: str = "?", refs: tuple[str, ...] = ()) -> Ite
             if info.type in tarfile.REGULAR_TYPES:
                 yield name, data
         offset += size + padding
+
+
+def open_shard(location: str):
+    """A shard (local path or URI, ``storage.py``) opened for reading with seeks (members by reference)."""
+    from volvlp_ray.data import storage
+
+    if storage.is_uri(location):
+        fs, path = storage.resolve(location)
+        return fs.open_input_file(path)
+    return open(storage.normalise(location), "rb")
 
 
 def iter_samples(stream: Any, url: str, suffixes: list[str] | None = None,

@@ -219,19 +219,13 @@ def train_dataset(cfg, seed: int):
 
 def held_out(cfg, n: int) -> list[dict[str, Any]]:
     """The first ``n`` (0 = all) held-out samples that have a label map: key, int16 volume, uint8 label map."""
-    from volvlp_ray.data import storage
     from volvlp_ray.data.pipeline import shard_files
-    from volvlp_ray.data.reader import iter_samples
+    from volvlp_ray.data.reader import iter_samples, open_shard
     from volvlp_ray.data.shards import DecodeError, decode_sample, npy_view
 
     out = []
     for location in shard_files(cfg, "valid"):
-        if storage.is_uri(location):
-            fs, path = storage.resolve(location)
-            stream = fs.open_input_file(path)
-        else:
-            stream = open(storage.normalise(location), "rb")
-        with stream:
+        with open_shard(location) as stream:
             for raw in iter_samples(stream, location):
                 if raw.get("labelmap.npy") is None:
                     continue

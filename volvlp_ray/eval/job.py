@@ -136,41 +136,53 @@ def _find_run(client, experiment: str, run_name: str | None):
     return runs[0] if runs else None
 
 
-def _log_to_mlflow(cfg: Config, ref: CheckpointRef, metrics: dict[str, float], plots: list[str], json_path: str,
-                   name: str) -> dict[str, str]:
-    """Metrics, plots and the JSON report to the training run (if found) or a new run. Returns where."""
-    from mlflow.entities import Metric, Param
+def target_run(cfg: Config, ref: CheckpointRef, kind: str, params: dict[str, str] | None = None):
+    """The MLflow run a downstream job of ``ref`` logs to: the training run it came from (found by run name), else
+    a new run ``{kind}-{run}-{time}`` tagged ``volvlp.kind={kind}`` with ``params``. Returns (client, run_id,
+    where, created)."""
+    from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
     from volvlp_ray.tracking import resolve_tracking_uri
 
-    uri = resolve_tracking_uri(cfg)
-    client = MlflowClient(uri)
+    client = MlflowClient(resolve_tracking_uri(cfg))
     run = _find_run(client, cfg.tracking.experiment, ref.run_name)
     if run is not None:
-        run_id, where = run.info.run_id, "the training run"
-    else:
-        exp = client.get_experiment_by_name(cfg.tracking.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
-        run_name = f"evaluate-{ref.run_name or ref.export_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        tags = {"volvlp.kind": "evaluate", "volvlp.evaluated_run_name": ref.run_name or "unknown"}
-        run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
-        params = [Param("checkpoint", str(ref.export_dir)[:6000]), Param("data", cfg.shards_path[:6000])]
-        params += [Param(f"eval.{k}", str(v)) for k, v in asdict(cfg.eval).items()]
-        client.log_batch(run_id, params=params)
-        where = "a new run (training run not found" + (f" for run_name {ref.run_name!r})" if ref.run_name else ")")
-    step = ref.step if ref.step is not None else cfg.train.steps
+        return client, run.info.run_id, "the training run", False
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+    run_name = f"{kind}-{ref.run_name or ref.export_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tags = {"volvlp.kind": kind, "volvlp.evaluated_run_name": ref.run_name or "unknown"}
+    run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in (params or {}).items()])
+    where = "a new run (training run not found" + (f" for run_name {ref.run_name!r})" if ref.run_name else ")")
+    return client, run_id, where, True
+
+
+def log_metrics_at(client, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """Finite ``metrics`` at ``step``, in batches of 500 (MLflow's limit)."""
+    from mlflow.entities import Metric
+
     now = int(time.time() * 1000)
     batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(v)]
     for i in range(0, len(batch), 500):
         client.log_batch(run_id, metrics=batch[i : i + 500])
+
+
+def _log_to_mlflow(cfg: Config, ref: CheckpointRef, metrics: dict[str, float], plots: list[str], json_path: str,
+                   name: str) -> dict[str, str]:
+    """Metrics, plots and the JSON report to the training run (if found) or a new run. Returns where."""
+    params = {"checkpoint": str(ref.export_dir), "data": cfg.shards_path,
+              **{f"eval.{k}": v for k, v in asdict(cfg.eval).items()}}
+    client, run_id, where, created = target_run(cfg, ref, "evaluate", params)
+    log_metrics_at(client, run_id, metrics, ref.step if ref.step is not None else cfg.train.steps)
     for p in plots:
         client.log_artifact(run_id, p, f"evaluate/{name}/plots")
     client.log_artifact(run_id, json_path, f"evaluate/{name}")
     client.set_tag(run_id, f"volvlp.evaluated.{name}", str(ref.export_dir)[:5000])
-    if run is None:
+    if created:
         client.set_terminated(run_id, "FINISHED")
-    return {"tracking_uri": uri, "run_id": run_id, "logged_to": where}
+    return {"tracking_uri": client.tracking_uri, "run_id": run_id, "logged_to": where}
 
 
 def _summary(report: dict[str, Any], prefix: str) -> str:

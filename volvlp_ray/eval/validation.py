@@ -44,20 +44,14 @@ def read_subset(cfg: Config, split: str, tokenizer_dir: str, n: int) -> list[dic
     """The first ``n`` usable evaluation rows of ``split`` in shard order (what ``eval.run.split_dataset`` gives
     with ``max_volumes=n``: whole volume, whole report, bad samples skipped and logged), read in this process,
     volumes by reference (``volume_location``/``volume_offset``/``volume_shape``): no voxel is read here."""
-    from volvlp_ray.data import storage
     from volvlp_ray.data.pipeline import _ToRow, shard_files
-    from volvlp_ray.data.reader import iter_samples
+    from volvlp_ray.data.reader import iter_samples, open_shard
     from volvlp_ray.data.shards import CORE_MEMBERS, LABELMAP_MEMBER
 
     to_row = _ToRow(cfg, tokenizer_dir, training=False)
     rows: list[dict[str, Any]] = []
     for location in shard_files(cfg, split):
-        if storage.is_uri(location):
-            fs, path = storage.resolve(location)
-            stream = fs.open_input_file(path)
-        else:
-            stream = open(storage.normalise(location), "rb")
-        with stream:
+        with open_shard(location) as stream:
             for sample in iter_samples(stream, location, suffixes=list(CORE_MEMBERS),
                                        refs=("volume.npy", LABELMAP_MEMBER)):
                 rows += to_row(sample)
