@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from volvlp_ray import console
-from volvlp_ray.config import ConfigError, add_verbose_flag, apply_verbose_flag, config_to_dict
+from volvlp_ray.config import (ConfigError, add_verbose_flag, apply_verbose_flag, config_to_dict,
+                               with_absolute_paths)
 
 
 def _label_map_problem(cfg) -> str | None:
@@ -73,7 +74,8 @@ def run_segmentation(checkpoint: str, config_file: str | None = None, overrides:
     pre, _ = build_eval_config(None, config_file, overrides)
     log_path = console.setup_logging(pre.workspace_path / "logs", f"segmentation-{time.strftime('%Y%m%d-%H%M%S')}")
     ref = resolve_checkpoint(checkpoint, pre.workspace_path)
-    cfg, _ = build_eval_config(run_config_of(ref.export_dir), config_file, overrides)
+    # absolute local paths: rank 0 reads the held-out shards from Ray's working directory
+    cfg = with_absolute_paths(build_eval_config(run_config_of(ref.export_dir), config_file, overrides)[0])
     s = cfg.segmentation
     if any(c % p for c, p in zip(s.crop, cfg.model.patch)):
         raise ConfigError(f"segmentation.crop={s.crop} must be a multiple of the model's patch {cfg.model.patch}")

@@ -120,3 +120,12 @@ def test_voided_by_names_the_setting_that_makes_a_key_inert():
     assert voided_by(k2, "loss.same_study") is None and voided_by(k2, "loss.spatial_sigma_mm") is None
     assert voided_by(load_config(None, ["loss.negation_pairs=0"]), "loss.pair_weight").startswith(
         "loss.negation_pairs=0")
+
+
+def test_the_cli_makes_local_paths_absolute(tmp_path, monkeypatch):
+    """Relative local paths are the user's (their working directory), fixed before any worker sees them; URIs kept."""
+    monkeypatch.chdir(tmp_path)
+    cfg, _ = parse_cli(["workspace=ws", "data.shards_dir=sh", "train.storage_path=s3://bucket/runs?region=x"])
+    assert cfg.workspace == str(tmp_path / "ws") and cfg.data.shards_dir == str(tmp_path / "sh")
+    assert cfg.train.storage_path == "s3://bucket/runs?region=x"
+    assert parse_cli([])[0].workspace == str(tmp_path / "workspace")

@@ -141,10 +141,13 @@ def test_the_jobs_console_reads_at_a_glance(tmp_path, copy_tiny_workspace):
     ws = copy_tiny_workspace(tmp_path / "ws")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_", "VOLVLP_"))}
     env.update(PYTHONUNBUFFERED="1", VOLVLP_INJECT_NAN="1:5")
+    # a relative workspace, as `python jobs/pretrain.py` with no arguments has ("workspace"): the training workers
+    # (whose working directory is Ray's) must find its shards for validation too
     with open(tmp_path / "console.txt", "w") as f:
-        p = subprocess.run([sys.executable, "jobs/pretrain.py", "--config", "configs/tiny.yaml", f"workspace={ws}",
-                            "run_name=glance", "train.steps=12", "train.log_every=1", "eval.every=6"],
-                           stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env, timeout=840)
+        p = subprocess.run([sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--config",
+                            str(ROOT / "configs" / "tiny.yaml"), "workspace=ws", "run_name=glance", "train.steps=12",
+                            "train.log_every=1", "eval.every=6"],
+                           stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path, env=env, timeout=840)
     text = (tmp_path / "console.txt").read_text()
     lines = text.splitlines()
     print(text)

@@ -42,6 +42,7 @@ __all__ = [
     "parse_cli",
     "same_study_mode",
     "voided_by",
+    "with_absolute_paths",
 ]
 
 
@@ -829,6 +830,23 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return _build(Config, values)
 
 
+def with_absolute_paths(cfg: Config) -> Config:
+    """``cfg`` with its local paths made absolute against this process's working directory: ``workspace``,
+    ``data.shards_dir`` and ``train.storage_path`` when they are relative local paths (URIs are kept). A driver
+    hands this to its workers, whose working directory is Ray's (a Train worker's, a Tune trial's), not the
+    user's: ``workspace=ws`` must mean the user's ``./ws`` there too."""
+    def local(path: str | None) -> str | None:
+        from volvlp_ray.data import storage
+
+        return path if not path or storage.is_uri(path) else str(Path(os.path.abspath(os.path.expanduser(path))))
+
+    values = asdict(cfg)
+    values["workspace"] = local(values["workspace"])
+    values["data"]["shards_dir"] = local(values["data"]["shards_dir"])
+    values["train"]["storage_path"] = local(values["train"]["storage_path"])
+    return config_from_dict(values)
+
+
 def parse_cli(argv: list[str] | None = None, description: str = "", default_config: str | os.PathLike | None = None,
               tag: str = "") -> tuple[Config, Any]:
     """``[--config FILE] [key=value ...]`` -> (Config, argparse namespace). ``default_config``: the file a job runs
@@ -845,7 +863,8 @@ def parse_cli(argv: list[str] | None = None, description: str = "", default_conf
     if args.config is None and default_config is not None:
         args.config = str(default_config)
         print(f"[{tag}] config {args.config} (the default; --config FILE for another)", flush=True)
-    return load_config(args.config, args.overrides), args
+    # the user's relative paths, fixed here: the job's workers and trials run in Ray's working directories
+    return with_absolute_paths(load_config(args.config, args.overrides)), args
 
 
 def add_verbose_flag(parser) -> None:
