@@ -23,7 +23,7 @@ import time
 from volvlp_ray import console
 from volvlp_ray.config import ConfigError, add_verbose_flag, apply_verbose_flag, load_config
 from volvlp_ray.data import storage
-from volvlp_ray.data.ctrate import available_splits, layout_problem
+from volvlp_ray.data.ctrate import SPLITS, layout_check
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,13 +49,13 @@ def main(argv: list[str] | None = None) -> int:
 
         source = str(generate_dataset(cfg.workspace_path / "data" / "synthetic", cfg.data.num_volumes,
                                       cfg.data.num_val_volumes, seed=cfg.seed))
+        splits = list(SPLITS)
     else:
         source = storage.normalise(args.source)
-        problem = layout_problem(source)
+        problem, splits = layout_check(source)  # one listing of the source, used by everything below
         if problem:
             print(f"input error: {problem}", file=sys.stderr)
             return 2
-        splits = available_splits(source)
         d = cfg.data
         console.info(f"[prepare] source {storage.redact(source)}: split(s) {', '.join(splits)}; grid "
                      f"{' x '.join(f'{v:g}' for v in d.spacing)} mm (z, y, x), {d.in_plane_size}x{d.in_plane_size} "
@@ -64,7 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     from volvlp_ray.data.shards import read_manifest
 
     try:
-        splits = available_splits(source)
         ready = shards_ready(out, prepare_options(cfg), source_id(source), splits)
     except OSError as exc:
         print(f"input error: cannot read --out {storage.redact(out)!r}: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         start_local_ray(num_cpus=os.cpu_count() or 1, include_dashboard=False, **console.ray_init_kwargs())
     try:
-        prepare_shards(source, out, cfg)
+        prepare_shards(source, out, cfg, splits=splits)
     except (FileNotFoundError, ValueError) as exc:
         print(f"input error: {exc}", file=sys.stderr)
         return 2

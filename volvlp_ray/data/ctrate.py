@@ -43,6 +43,7 @@ __all__ = [
     "find_labelmaps",
     "find_segmentations",
     "find_volumes",
+    "layout_check",
     "layout_locations",
     "layout_problem",
     "parse_xy_spacing",
@@ -123,6 +124,29 @@ def _has_any_of_split(source: str, split: str) -> bool:
         or storage.is_dir(storage.child(source, split))
 
 
+def layout_check(source: str) -> tuple[str | None, list[str]]:
+    """``(why source is not usable as a CT-RATE-layout folder or None, the splits it holds completely)``, from one
+    listing of each split (a CT-RATE folder on an object store has tens of thousands of volumes to list). A source
+    may hold one split only (an external evaluation set: its ``valid`` split), but a split it has begun must be
+    complete."""
+    shown = storage.redact(source)
+    try:
+        if not storage.is_dir(source):
+            return f"source folder {shown!r} does not exist", []
+        problems = {s: _split_problem(source, s) for s in SPLITS}
+        complete = [s for s, problem in problems.items() if problem is None]
+        if not complete:  # what the first begun split (else the first split) lacks
+            begun = [s for s in SPLITS if _has_any_of_split(source, s)]
+            return problems[(begun or SPLITS)[0]], []
+        for split, problem in problems.items():
+            if problem and _has_any_of_split(source, split):
+                return f"{problem} (the {split} split is incomplete; a source may hold one complete split only)", \
+                    complete
+    except (OSError, ValueError) as exc:  # an unreachable store, refused credentials, a URI pyarrow does not know
+        return f"cannot read source {shown!r}: {type(exc).__name__}: {exc}", []
+    return None, complete
+
+
 def available_splits(source: str) -> list[str]:
     """The splits of ``SPLITS`` that ``source`` holds completely (CSVs and volumes): both for CT-RATE and the
     synthetic data; one for an external evaluation set laid out as its ``valid`` split."""
@@ -130,22 +154,8 @@ def available_splits(source: str) -> list[str]:
 
 
 def layout_problem(source: str) -> str | None:
-    """Why ``source`` (a folder or URI) is not usable as a CT-RATE-layout folder, or None. A source may hold one
-    split only (an external evaluation set: its ``valid`` split), but a split it has begun must be complete."""
-    shown = storage.redact(source)
-    try:
-        if not storage.is_dir(source):
-            return f"source folder {shown!r} does not exist"
-        problems = {s: _split_problem(source, s) for s in SPLITS}
-        if all(problems.values()):  # no complete split: what the first begun split (else the first split) lacks
-            begun = [s for s in SPLITS if _has_any_of_split(source, s)]
-            return problems[(begun or SPLITS)[0]]
-        for split, problem in problems.items():
-            if problem and _has_any_of_split(source, split):
-                return f"{problem} (the {split} split is incomplete; a source may hold one complete split only)"
-    except (OSError, ValueError) as exc:  # an unreachable store, refused credentials, a URI pyarrow does not know
-        return f"cannot read source {shown!r}: {type(exc).__name__}: {exc}"
-    return None
+    """Why ``source`` (a folder or URI) is not usable as a CT-RATE-layout folder, or None (``layout_check``)."""
+    return layout_check(source)[0]
 
 
 def volume_relpath(volume_name: str) -> str:
@@ -194,6 +204,8 @@ class VolumeRecord:
     """Location of the volume's organ label map ("" when none): ``labelmaps/{VolumeName}`` or its segmentation."""
     labelmap_kind: str = ""
     """"file" (multi-label NIfTI) or "folder" (binary masks per structure)."""
+    labelmap_from: str = ""
+    """Where the label map was found: "labelmaps" or "segmentation" ("" when none)."""
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -208,15 +220,15 @@ def find_volumes(root: str | Path, split: str) -> dict[str, str]:
     return {rel.rsplit("/", 1)[-1]: storage.child(base, *rel.split("/")) for rel in storage.list_files(base, ".nii.gz")}
 
 
-def find_labelmaps(root: str | Path, names: list[str]) -> dict[str, tuple[str, str]]:
-    """``{VolumeName: (location, "file" | "folder")}`` of the volumes' organ label maps: the multi-label file
-    ``{root}/labelmaps/{VolumeName}`` (the synthetic generator's), else the volume's segmentation
-    (``find_segmentations``)."""
+def find_labelmaps(root: str | Path, names: list[str]) -> dict[str, tuple[str, str, str]]:
+    """``{VolumeName: (location, "file" | "folder", "labelmaps" | "segmentation")}`` of the volumes' organ label
+    maps: the multi-label file ``{root}/labelmaps/{VolumeName}`` (the synthetic generator's), else the volume's
+    segmentation (``find_segmentations``)."""
     entries = storage.list_dir(storage.child(str(root), "labelmaps"))
-    found = find_segmentations(root, names)
+    found = {name: (loc, kind, "segmentation") for name, (loc, kind) in find_segmentations(root, names).items()}
     for name in names:
         if entries.get(name) == "file":
-            found[name] = (storage.child(str(root), "labelmaps", name), "file")
+            found[name] = (storage.child(str(root), "labelmaps", name), "file", "labelmaps")
     return found
 
 
@@ -410,8 +422,9 @@ def read_split(
                 segmentation=segs.get(name, ("", ""))[0],
                 segmentation_kind=segs.get(name, ("", ""))[1],
                 organ_findings=None if findings_json is None else findings_json.get(name),
-                labelmap=maps.get(name, ("", ""))[0],
-                labelmap_kind=maps.get(name, ("", ""))[1],
+                labelmap=maps.get(name, ("", "", ""))[0],
+                labelmap_kind=maps.get(name, ("", "", ""))[1],
+                labelmap_from=maps.get(name, ("", "", ""))[2],
             )
         )
     for reason, names in problems.items():

@@ -142,8 +142,7 @@ def _labelmap(rec: dict, res, table: dict[int, str], warnings: list[str]):
         out = labelmap_on_grid(classes, affine, res.affine, res.volume.shape[::-1])
         if not out.any():
             raise ValueError("no labelled voxel falls on the CT's grid: a label map of another scan?")
-        origin = "labelmaps" if "/labelmaps/" in rec["labelmap"].replace("\\", "/") else "segmentation"
-        return out, origin
+        return out, rec["labelmap_from"]
     except Exception as exc:  # noqa: BLE001 - a bad label map costs the map, not the volume
         warnings.append(f"{rec['volume_name']}: unusable label map {storage.redact(rec['labelmap'])} "
                         f"({type(exc).__name__}: {exc}); stored without one")
@@ -184,9 +183,11 @@ def _plan_groups(records: list, shard_max_bytes: int, opts: dict, num_cpus: int)
     return max(1, min(per_shard, -(-len(records) // max(1, num_cpus))))
 
 
-def prepare_shards(source: str | os.PathLike, out: str | os.PathLike, cfg: Config, progress: bool = True) -> dict:
+def prepare_shards(source: str | os.PathLike, out: str | os.PathLike, cfg: Config, progress: bool = True,
+                   splits: list[str] | None = None) -> dict:
     """Ingest every split of ``source`` into ``out/{train,valid}`` (local folders or URIs): both, or the one an
-    external evaluation set holds. Returns a summary per split."""
+    external evaluation set holds (``splits``: those the caller found with ``ctrate.layout_check``; default:
+    ``available_splits``). Returns a summary per split."""
     import ray
 
     source = storage.normalise(source)
@@ -197,7 +198,7 @@ def prepare_shards(source: str | os.PathLike, out: str | os.PathLike, cfg: Confi
     env = storage.task_runtime_env(source, out)  # tasks run in other processes (other nodes)
     remote_args: dict[str, Any] = {"runtime_env": env} if env else {}
     summary = {}
-    splits = available_splits(source)
+    splits = available_splits(source) if splits is None else splits
     if not splits:
         raise ValueError(f"{storage.redact(source)} holds no complete split (CSVs and volumes) of train, valid")
     for split in splits:

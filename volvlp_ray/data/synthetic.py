@@ -337,25 +337,24 @@ def make_case(seed: int, split: str, index: int) -> dict:
     }
 
 
-def _write_case(args: tuple[str, int, str, int]) -> dict:
-    root, seed, split, index = args
-    case = make_case(seed, split, index)
-    path = Path(root) / volume_relpath(case["volume_name"])
+def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, dtype) -> None:
+    """A NIfTI file written under a temporary name and renamed into place (never seen half-written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(case.pop("stored"), case.pop("affine"))
-    img.set_data_dtype(np.int16)
+    img = nib.Nifti1Image(data, affine)
+    img.set_data_dtype(dtype)
     img.header.set_xyzt_units("mm", "sec")
     tmp = path.with_name(path.name + ".tmp.nii.gz")
     nib.save(img, tmp)
     os.replace(tmp, path)
-    seg_path = Path(root) / "labelmaps" / case["volume_name"]  # TotalSegmentator-style multi-label file
-    seg_path.parent.mkdir(parents=True, exist_ok=True)
-    seg = nib.Nifti1Image(case.pop("labelmap"), case.pop("labelmap_affine"))
-    seg.set_data_dtype(np.uint8)
-    seg.header.set_xyzt_units("mm", "sec")
-    tmp = seg_path.with_name(seg_path.name + ".tmp.nii.gz")
-    nib.save(seg, tmp)
-    os.replace(tmp, seg_path)
+
+
+def _write_case(args: tuple[str, int, str, int]) -> dict:
+    root, seed, split, index = args
+    case = make_case(seed, split, index)
+    _save_nifti(Path(root) / volume_relpath(case["volume_name"]), case.pop("stored"), case.pop("affine"), np.int16)
+    # the organ label map: a TotalSegmentator-style multi-label file
+    _save_nifti(Path(root) / "labelmaps" / case["volume_name"], case.pop("labelmap"), case.pop("labelmap_affine"),
+                np.uint8)
     return case
 
 

@@ -234,18 +234,18 @@ def ensure_shards(cfg: Config) -> str:
         source = str(generate_dataset(cfg.workspace_path / "data" / "synthetic", cfg.data.num_volumes,
                                       cfg.data.num_val_volumes, seed=cfg.seed))
     else:
-        from volvlp_ray.data.ctrate import available_splits
+        from volvlp_ray.data.ctrate import layout_check
 
-        splits = available_splits(source)
+        problem, splits = layout_check(source)  # one listing of the source, used by everything below
         if "train" not in splits:
             raise ConfigError(f"data.source={source} holds no complete train split (its splits: "
-                             f"{splits or 'none'}): pre-training needs one; an evaluation-only set "
-                             "is prepared with jobs/prepare_data.py --source DIR and evaluated with "
-                             "jobs/evaluate.py --data SHARDS")
+                             f"{splits or 'none'}{f'; {problem}' if problem else ''}): pre-training needs one; an "
+                             "evaluation-only set is prepared with jobs/prepare_data.py --source DIR and evaluated "
+                             "with jobs/evaluate.py --data SHARDS")
     if shards_ready(cfg.shards_path, prepare_options(cfg), source_id(source), splits):
         console.info(f"[data] shards ready at {cfg.shards_path}")
     else:
-        prepare_shards(source, cfg.shards_path, cfg)
+        prepare_shards(source, cfg.shards_path, cfg, splits=splits)
     return source
 
 
