@@ -6,13 +6,14 @@ local head."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import re
 import shlex
 from pathlib import Path
 
 import pytest
 import yaml
+
+from jobutil import load_job
 
 ROOT = Path(__file__).parents[1]
 CLUSTER = ROOT / "cluster"
@@ -26,10 +27,7 @@ def load_all(path: Path) -> list[dict]:
 
 
 def mlflow_server_module():
-    spec = importlib.util.spec_from_file_location("mlflow_server_job", ROOT / "jobs" / "mlflow_server.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_job("mlflow_server")
 
 
 def ray_versions_allowed():

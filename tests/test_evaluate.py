@@ -317,13 +317,10 @@ def test_segmentation_job(workspace, latest, ray_session, tmp_path) -> None:
     """``jobs/segmentation.py`` (in this process, on the session's Ray): both heads on the pre-trained and on a
     random encoder, a Dice per organ present in the held-out label maps, overlays, the JSON report and the same
     figures in the training run's MLflow metrics; shards without label maps are refused clearly."""
-    import importlib.util
-
+    from jobutil import load_job
     from mlflow.tracking import MlflowClient
 
-    spec = importlib.util.spec_from_file_location("segmentation_job", ROOT / "jobs" / "segmentation.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    job = load_job("segmentation")
     out = tmp_path / "seg.json"
     report = job.run_segmentation("latest", overrides=[f"workspace={workspace}", "segmentation.steps=3",
                                                        "segmentation.crop=[8,64,64]", "segmentation.eval_volumes=3",

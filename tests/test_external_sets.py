@@ -5,7 +5,6 @@ and CT-RATE's grid as the default for a real source. The evaluation of such a se
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,14 +16,13 @@ from volvlp_ray.config import CT_RATE_GRID, load_config
 from volvlp_ray.data import synthetic
 from volvlp_ray.data.ctrate import LABELS, available_splits, csv_paths, layout_problem, read_split
 
+from jobutil import load_job
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _job_main():
-    spec = importlib.util.spec_from_file_location("prepare_data_job", ROOT / "jobs" / "prepare_data.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main
+    return load_job("prepare_data").main
 
 
 def external_set(root: Path, n: int = 4, seed: int = 7, labels: dict[str, list[int]] | None = None) -> Path:

@@ -1,7 +1,6 @@
 """Organ z-extents from TotalSegmentator-style segmentations and organ-wise findings from a JSON file, through the
 real Ray Data conversion job; bad input in both (unreadable or foreign segmentation, unknown organ names)."""
 
-import importlib.util
 import json
 import logging
 import tarfile
@@ -18,14 +17,13 @@ from volvlp_ray.data.ctrate import ORGAN_NAMES, csv_paths, read_organ_findings, 
 from volvlp_ray.data.organs import split_findings_by_organ
 from volvlp_ray.data.segmentation import TOTALSEG_V2, extents_from_segmentation, structure_groups
 
+from jobutil import load_job
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _job_main():
-    spec = importlib.util.spec_from_file_location("prepare_data_job", ROOT / "jobs" / "prepare_data.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main
+    return load_job("prepare_data").main
 
 
 def _metas(split_dir: Path) -> dict[str, dict]:

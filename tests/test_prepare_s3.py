@@ -3,7 +3,6 @@ the manifest and every sample equal those of the same job on local paths. The Ra
 processes that were started without the credentials: the job hands them over (runtime_env)."""
 
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -18,6 +17,8 @@ from segutil import ground_truth, multilabel_segmentation, volume_extent_mm
 
 from volvlp_ray.data import storage, synthetic
 from volvlp_ray.data.ctrate import read_split, volume_relpath
+
+from jobutil import load_job
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "volvlp-test"
@@ -46,10 +47,7 @@ def s3(ray_session, monkeypatch):
 
 
 def _job_main():
-    spec = importlib.util.spec_from_file_location("prepare_data_job", ROOT / "jobs" / "prepare_data.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main
+    return load_job("prepare_data").main
 
 
 def _samples(read, split: str) -> tuple[dict, dict]:

@@ -13,7 +13,6 @@ under an unsafe load) and that the project's load path refuses it without runnin
 from __future__ import annotations
 
 import ast
-import importlib.util
 import io
 import os
 import re
@@ -22,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+
+from jobutil import load_job
 
 ROOT = Path(__file__).parents[1]
 SOURCES = sorted([*(ROOT / "volvlp_ray").rglob("*.py"), *(ROOT / "jobs").glob("*.py")])
@@ -66,9 +67,7 @@ def test_ray_token_auth_is_on_in_every_cluster_config():
 def test_mlflow_server_launcher_binds_loopback_unless_told_otherwise():
     from mlflow.cli import server
 
-    spec = importlib.util.spec_from_file_location("mlflow_server_job", ROOT / "jobs" / "mlflow_server.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_job("mlflow_server")
     default = server.make_context("server", mod.build_command([], {})[4:]).params
     assert default["host"] == "127.0.0.1"
     assert not default["disable_security_middleware"]

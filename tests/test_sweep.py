@@ -61,11 +61,9 @@ def test_a_swept_key_without_effect_is_a_config_error_naming_what_voids_it():
 def test_the_default_sweep_config_sweeps_alpha_and_temperature_with_swca():
     """``python jobs/sweep.py`` with no --config loads configs/sweep.yaml: SWCA, alpha x init_logit_scale, and
     its search space passes the no-effect check."""
-    import importlib.util
+    from jobutil import load_job
 
-    spec = importlib.util.spec_from_file_location("sweep_job", ROOT / "jobs" / "sweep.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    job = load_job("sweep")
     cfg = load_config(job.DEFAULT_CONFIG)
     assert cfg.loss.kind == "swca" and set(cfg.sweep.search_space) == {"loss.alpha", "model.init_logit_scale"}
     parse_search_space(cfg.sweep.search_space, config_to_dict(cfg))
