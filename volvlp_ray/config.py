@@ -29,6 +29,7 @@ __all__ = [
     "LossConfig",
     "ModelConfig",
     "ScalingConfig",
+    "ReportConfig",
     "SegmentationConfig",
     "TrackingConfig",
     "TrainConfig",
@@ -507,6 +508,108 @@ class SegmentationConfig:
             raise ConfigError(f"segmentation.sw_overlap must be in [0, 1), got {self.sw_overlap}")
 
 
+
+@dataclass
+class ReportConfig:
+    """``jobs/report_generation.py``: a report generator on the pre-trained ViT3D (SCALE-VLP's report generation):
+    the volume's patch tokens pooled to ``visual_tokens`` vectors, projected into a causal language model's
+    embedding space as a prefix (ignored by other jobs)."""
+
+    decoder: str = "scratch-tiny"
+    """The language model: "scratch-tiny" / "scratch-small" (a randomly initialised GPT-2 with a WordPiece tokenizer
+    built from the training reports; for CPU runs and tests), or any Hugging Face ``AutoModelForCausalLM`` as a
+    local folder or hub id (its own tokenizer)."""
+    decoder_tuning: str = "full"
+    """How the decoder trains: "full" (every weight), "lora" (LoRA adapters through ``peft``, the rest frozen) or
+    "frozen" (only the visual pooler and projection train)."""
+    lora_r: int = 8
+    """LoRA rank (``decoder_tuning=lora``)."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator (``decoder_tuning=lora``)."""
+    lora_targets: str = "all-linear"
+    """peft ``target_modules``: "all-linear", or comma-separated module names (e.g. "q_proj,v_proj")."""
+    encoder: str = "frozen"
+    """The ViT3D: "frozen" (features only) or "tuned" (fine-tuned at ``encoder_lr``)."""
+    encoder_lr: float = 1e-5
+    """Learning rate of a tuned encoder."""
+    pooler: str = "attention"
+    """Patch tokens -> visual tokens: "attention" (learned queries, one cross-attention) or "perceiver"
+    (``perceiver_layers`` blocks of cross-attention, self-attention over the latents and an MLP)."""
+    visual_tokens: int = 16
+    """Visual tokens (the prefix length)."""
+    perceiver_layers: int = 2
+    """Blocks of the perceiver pooler."""
+    steps: int = 400
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Volumes per worker per step."""
+    lr: float = 1e-3
+    """Peak learning rate of the pooler, projection and decoder (AdamW; linear warm-up, cosine decay)."""
+    warmup_steps: int = 40
+    """Linear warm-up steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage of the job (0, 1 or 2: generation needs whole weights on every rank)."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints (model, optimizer, schedule, RNG; a killed worker resumes from the last one)."""
+    max_failures: int = 1
+    """Worker failures Ray Train recovers from (from the last checkpoint); -1 unlimited."""
+    max_length: int = 160
+    """Report tokens (with the start and end tokens): longer reports are cut in training; the most a generated
+    report may have."""
+    vocab_size: int = 1000
+    """Vocabulary of a scratch decoder's tokenizer (built from the training reports)."""
+    decoding: list[str] = field(default_factory=lambda: ["greedy", "beam"])
+    """Decodings evaluated: "greedy" and / or "beam"."""
+    num_beams: int = 3
+    """Beams of beam search."""
+    eval_volumes: int = 0
+    """Held-out volumes generated and scored (the first in shard order); 0 = all."""
+    labeler: str = "miner"
+    """Clinical-efficacy labels of generated and reference reports: "miner" (the negation-aware keyword miner,
+    ``data/negation.py``) or a Hugging Face multi-label text classifier (folder or hub id) whose ``id2label`` names
+    the 18 CT-RATE labels (CT-RATE's own labeler is such a model)."""
+    bertscore_model: str | None = None
+    """BERTScore's scoring model (folder or hub id, e.g. "roberta-large" or a clinical BERT); None skips BERTScore
+    (the embedded default has no such model offline)."""
+    bertscore_layers: int | None = None
+    """The scoring model's layer whose features BERTScore compares; None: bert-score's default for a model it
+    knows, else the model's last layer."""
+    n_bootstrap: int = 200
+    """Bootstrap resamples (of held-out reports) for every metric's 95 % interval."""
+    baselines: bool = True
+    """Score the most frequent training report and the retrieval-nearest training report the same way."""
+
+    def __post_init__(self) -> None:
+        if self.decoder_tuning not in ("full", "lora", "frozen"):
+            raise ConfigError(f"report.decoder_tuning={self.decoder_tuning!r} is not one of ['full', 'lora', 'frozen']")
+        if self.encoder not in ("frozen", "tuned"):
+            raise ConfigError(f"report.encoder={self.encoder!r} is not one of ['frozen', 'tuned']")
+        if self.pooler not in ("attention", "perceiver"):
+            raise ConfigError(f"report.pooler={self.pooler!r} is not one of ['attention', 'perceiver']")
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"report.zero_stage must be 0, 1 or 2 (generation needs whole weights on every rank), "
+                              f"got {self.zero_stage}")
+        if not self.decoding or any(d not in ("greedy", "beam") for d in self.decoding):
+            raise ConfigError(f"report.decoding must be a non-empty list of 'greedy' / 'beam', got {self.decoding}")
+        for name in ("visual_tokens", "perceiver_layers", "steps", "batch_size", "checkpoint_every", "num_beams",
+                     "lora_r", "lora_alpha"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"report.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_length < 4:
+            raise ConfigError(f"report.max_length must be >= 4 tokens, got {self.max_length}")
+        if self.vocab_size < 16:
+            raise ConfigError(f"report.vocab_size must be >= 16, got {self.vocab_size}")
+        for name in ("eval_volumes", "n_bootstrap", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"report.{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_failures < -1:
+            raise ConfigError(f"report.max_failures must be >= -1, got {self.max_failures}")
+        if self.lr <= 0 or self.encoder_lr <= 0:
+            raise ConfigError(f"report.lr and report.encoder_lr must be > 0, got {self.lr}, {self.encoder_lr}")
+
+
 @dataclass
 class Config:
     workspace: str = "workspace"
@@ -524,6 +627,7 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def __post_init__(self) -> None:
         validate(self)
