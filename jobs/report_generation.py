@@ -159,6 +159,7 @@ def run_report_generation(checkpoint: str, config_file: str | None = None, overr
                         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
     if not cfg.scaling.use_gpu:
         env["env_vars"]["DS_ACCELERATOR"] = "cpu"
+    env["env_vars"].update({k: v for k, v in os.environ.items() if k.startswith("VOLVLP_")})  # --verbose among them
     with console.Relay() as relay:
         trainer = TorchTrainer(
             train_loop_per_worker,

@@ -353,3 +353,127 @@ def test_segmentation_job(workspace, latest, ray_session, tmp_path) -> None:
         (bare / split / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(FileNotFoundError, match="hold no organ label maps"):
         job.run_segmentation("latest", overrides=[f"workspace={workspace}", f"data.shards_dir={bare}"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# jobs/report_generation.py on the same trained workspace
+
+REPORT_ARGS = ["report.steps=6", "report.batch_size=2", "report.eval_volumes=4", "report.n_bootstrap=10",
+               "report.max_length=48", "report.warmup_steps=1"]
+
+
+def test_report_generation_job(workspace, latest, ray_session, tmp_path, report_texts, mlflow_text_leaks) -> None:
+    """``jobs/report_generation.py`` (in this process, on the session's Ray): the generator trains, both decodings
+    and both baselines are scored with every metric and an interval, the JSON report, plots and the generator reach
+    the training run in MLflow, and no report text does; with ``tracking.log_text=true`` the generations do."""
+    from jobutil import load_job
+    from mlflow.tracking import MlflowClient
+
+    from volvlp_ray.eval.report_metrics import rouge_l
+
+    job = load_job("report_generation")
+    out = tmp_path / "rg.json"
+    report = job.run_report_generation("latest", overrides=[f"workspace={workspace}", *REPORT_ARGS], out=str(out))
+    assert json.loads(out.read_text())["scores"] == report["scores"]
+    assert report["n_eval"] == 4 and report["train"]["steps"] == 6 and report["train"]["global_batch"] == 4
+    assert [e["step"] for e in report["train_loss"]] == list(range(1, 7))
+    assert set(report["scores"]) == {"greedy", "beam", "most_frequent", "retrieval"}
+    folder = Path(report["results_dir"])
+    rows = [json.loads(line) for line in (folder / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and len({r["key"] for r in rows}) == 4
+    assert len({r["most_frequent"] for r in rows}) == 1
+    for name, s in report["scores"].items():
+        for m in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l"):
+            assert 0.0 <= s[m]["value"] <= 1.0 and s[m]["ci95"][0] <= s[m]["value"] + 1e-9, (name, m, s[m])
+        for m in ("macro_f1", "micro_f1", "macro_precision", "micro_recall"):
+            assert 0.0 <= s["ce"][m]["value"] <= 1.0
+        # the figure is the library's on the rows the job wrote
+        hyps = [r[name] for r in rows]
+        assert s["rouge_l"]["value"] == pytest.approx(float(rouge_l([r["reference"] for r in rows], hyps).mean()))
+    assert {Path(p).name for p in folder.glob("*.png")} == {"report_metrics.png", "report_ce_per_label.png"}
+    client, run = _training_run(workspace)
+    assert report["mlflow"]["run_id"] == run.info.run_id
+    metrics = MlflowClient(report["mlflow"]["tracking_uri"]).get_run(run.info.run_id).data.metrics
+    assert metrics["report_gen/beam/rouge_l"] == pytest.approx(report["scores"]["beam"]["rouge_l"]["value"])
+    assert metrics["report_gen/retrieval/ce_micro_f1"] == pytest.approx(
+        report["scores"]["retrieval"]["ce"]["micro_f1"]["value"])
+    logged = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "report_generation")}
+    assert logged == {"report_metrics.png", "report_ce_per_label.png", "report_generation.json", "generator"}
+    gen_files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "report_generation/generator")}
+    assert {"model.safetensors", "report_config.json", "tokenizer"} <= gen_files
+    texts = report_texts(workspace)
+    leaked, scanned = mlflow_text_leaks(workspace / "mlflow.db", texts)
+    assert not leaked, list(leaked.items())[:3]
+    assert any(s.endswith("report_generation/report_generation.json") for s in scanned)
+
+    # the logged generator is the trained one: reloaded, it writes the same greedy reports
+    from volvlp_ray.downstream.reports import held_out, load_generator, pad_volumes
+    from volvlp_ray.config import load_config
+
+    gen, tok = load_generator(str(folder / "generator"), report["checkpoint"]["export_dir"])
+    cases = held_out(load_config(None, [f"workspace={workspace}"]), 4)
+    x, d = pad_volumes([c["volume"] for c in cases], int(gen.vit.patch[0]), (-1000.0, 1000.0))
+    again = [tok.decode(ids, skip_special_tokens=True) for ids in gen.generate(x, d, 47)]
+    assert again == [r["greedy"] for r in rows]
+
+    # the privacy switch, on stores of their own: generations only when tracking.log_text opts in
+    from dataclasses import replace
+
+    from volvlp_ray.eval.checkpoint import resolve_checkpoint
+
+    ref = replace(resolve_checkpoint("latest", workspace), run_name=None)
+    for opt_in in (False, True):
+        db = tmp_path / f"optin-{opt_in}.db"
+        cfg = load_config(None, [f"workspace={workspace}", f"tracking.tracking_uri=sqlite:///{db}",
+                                 f"tracking.log_text={str(opt_in).lower()}"])
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(tmp_path)
+            where = job._log_to_mlflow(cfg, ref, {"report_gen/x": 1.0}, [], folder / "generator",
+                                       folder / "generations.jsonl")
+        names = {Path(a.path).name for a in MlflowClient(f"sqlite:///{db}").list_artifacts(where["run_id"],
+                                                                                             "report_generation")}
+        assert ("generations.jsonl" in names) == opt_in, names
+        leaked, _ = mlflow_text_leaks(db, {r["reference"] for r in rows})
+        assert bool(leaked) == opt_in
+
+
+def test_report_generation_resumes_after_a_worker_kill(workspace, latest, tmp_path) -> None:
+    """The job as a process: rank 0's Ray Train worker is SIGKILLed after the step-4 checkpoint; Ray Train restarts
+    the workers, which resume from that checkpoint (not from step 0) and finish; every step is in the loss log once."""
+    import re
+    import signal
+    import threading
+
+    out = tmp_path / "rg-kill.json"
+    cmd = [sys.executable, str(ROOT / "jobs" / "report_generation.py"), "--verbose", "--checkpoint", "latest",
+           "--no-mlflow", "--out", str(out), f"workspace={workspace}", *REPORT_ARGS, "report.steps=10",
+           "report.checkpoint_every=4", "report.max_failures=1", "report.decoding=[greedy]",
+           "report.baselines=false"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=workspace,
+                            start_new_session=True)
+    timer = threading.Timer(900, proc.kill)
+    timer.start()
+    step_line = re.compile(r"\(RayTrainWorker pid=(\d+)[^)]*\).*\[report\] step (\d+)/")
+    lines, killed_at = [], -1
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            m = step_line.search(line)
+            if m and killed_at < 0 and int(m.group(2)) >= 6:
+                killed_at = int(m.group(2))
+                os.kill(int(m.group(1)), signal.SIGKILL)
+        proc.wait()
+    finally:
+        timer.cancel()
+    text = "".join(lines)
+    assert proc.returncode == 0, text[-6000:]
+    assert killed_at >= 6, "the run ended before the kill:\n" + text[-3000:]
+    resumed = re.search(r"\[report\] resumed from step (\d+)", text)
+    assert resumed and int(resumed.group(1)) == 4, text[-4000:]
+    report = json.loads(out.read_text())
+    assert report["train"]["steps"] == 10
+    assert [e["step"] for e in report["train_loss"]] == list(range(1, 11))
+    assert set(report["scores"]) == {"greedy"} and report["n_eval"] == 4

@@ -470,7 +470,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             log.append({"step": step, "loss": mean, "lr": float(engine.get_lr()[0])})
             recent = []
             if rank == 0:
-                console.info(f"[report] step {step}/{r.steps} loss {mean:.4f} ({time.time() - t0:.0f}s)")
+                line = f"[report] step {step}/{r.steps} loss {mean:.4f} ({time.time() - t0:.0f}s)"
+                if console.is_verbose():  # printed here: Ray forwards it with this worker's pid
+                    print(line, flush=True)
+                else:
+                    console.info(line)
         if step % r.checkpoint_every == 0 or step == r.steps:
             with tempfile.TemporaryDirectory(prefix="volvlp-report-") as tmp:
                 _save(engine, rank, step, recent[-1] if recent else log[-1]["loss"], tmp)
@@ -569,8 +573,16 @@ def save_generator(gen: ReportGenerator, tokenizer, cfg, path: str) -> None:
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
-    state = {k: v.detach().to("cpu", torch.float32).clone().contiguous() for k, v in gen.state_dict().items()}
-    save_file(state, os.path.join(path, "model.safetensors"))
+    # a tied weight (GPT-2's input embedding is its output layer) is stored once, its other names in the metadata
+    state, seen, tied = {}, {}, {}
+    for k, v in gen.state_dict().items():
+        ident = (v.data_ptr(), tuple(v.shape), v.dtype)
+        if ident in seen:
+            tied[k] = seen[ident]
+            continue
+        seen[ident] = k
+        state[k] = v.detach().to("cpu").clone().contiguous()
+    save_file(state, os.path.join(path, "model.safetensors"), metadata={"tied": json.dumps(tied)})
     tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
     with open(os.path.join(path, "report_config.json"), "w") as f:
         json.dump({"report": asdict(cfg.report), "model": asdict(cfg.model), "seed": cfg.seed}, f, indent=1)
@@ -578,7 +590,8 @@ def save_generator(gen: ReportGenerator, tokenizer, cfg, path: str) -> None:
 
 def load_generator(path: str, export_dir: str) -> tuple[ReportGenerator, Any]:
     """A generator written by :func:`save_generator`, on the pre-trained export it was trained from; eval mode."""
-    from safetensors.torch import load_model
+    from safetensors import safe_open
+    from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
     from volvlp_ray.config import config_from_dict
@@ -589,5 +602,10 @@ def load_generator(path: str, export_dir: str) -> tuple[ReportGenerator, Any]:
     if cfg.report.decoder.startswith("scratch-"):
         tok.bos_token, tok.eos_token = tok.cls_token, tok.sep_token
     gen = build_generator(cfg, export_dir, tok)
-    load_model(gen, os.path.join(path, "model.safetensors"), strict=True)
+    file = os.path.join(path, "model.safetensors")
+    with safe_open(file, "pt") as f:
+        tied = json.loads((f.metadata() or {}).get("tied", "{}"))
+    state = load_file(file)
+    state.update({k: state[src] for k, src in tied.items()})
+    gen.load_state_dict(state, strict=True)
     return gen.eval(), tok
