@@ -285,16 +285,31 @@ def test_what_trains_under_each_setting(tmp_path, parts, monkeypatch):
         return gen, names, groups
 
     gen, names, groups = trainable()
-    assert not any(n.startswith("vit.") for n in names) and any(n.startswith("decoder.") for n in names)
+    assert not any(n.startswith(("vit.", "image_head.")) for n in names) and any(n.startswith("decoder.") for n in names)
     assert any(n.startswith("prefix.") for n in names) and {g["name"] for g in groups} == {"decay", "no_decay"}
-    assert torch.equal(gen.vit.patch_embed.weight, VLP.from_pretrained(tmp_path / "export").vision.patch_embed.weight)
+    assert "global_proj.weight" in names and gen.n_prefix == 5
+    vlp = VLP.from_pretrained(tmp_path / "export")
+    assert torch.equal(gen.vit.patch_embed.weight, vlp.vision.patch_embed.weight)
+    # the first visual token carries the pre-trained image embedding (encode_image), in training mode too
+    from volvlp_ray.downstream.reports import pad_volumes
+
+    x, d = pad_volumes([np.random.default_rng(0).integers(-1000, 1000, (8, 64, 64)).astype(np.int16)] * 2, 4,
+                       (-1000.0, 1000.0))
+    gen.train()
+    seen = {}
+    gen.global_proj.register_forward_hook(lambda _m, args, _out: seen.setdefault("emb", args[0]))
+    with torch.no_grad():
+        gen.visual_prefix(x, d)
+        assert torch.allclose(seen["emb"], vlp.encode_image(x, d), atol=1e-5)
+    _, names, _ = trainable(global_token=False)
+    assert not any(n.startswith("global_proj.") for n in names)
     _, names, _ = trainable(decoder_tuning="lora", lora_r=2)
     dec = {n for n in names if n.startswith("decoder.")}
     assert dec and all("lora_" in n for n in dec)
     _, names, _ = trainable(decoder_tuning="frozen")
-    assert all(n.startswith("prefix.") for n in names)
+    assert all(n.startswith(("prefix.", "global_proj.")) for n in names)
     _, names, groups = trainable(encoder="tuned", encoder_lr=3e-5)
-    assert any(n.startswith("vit.") for n in names)
+    assert any(n.startswith("vit.") for n in names) and any(n.startswith("image_head.") for n in names)
     assert [g["lr"] for g in groups if g["name"] == "encoder"] == [3e-5]
     gen, _, _ = trainable(pooler="perceiver", perceiver_layers=2)
     assert len(gen.prefix.blocks) == 2 and gen.prefix.blocks[0].self_attn is not None

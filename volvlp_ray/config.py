@@ -539,11 +539,14 @@ class ReportConfig:
     """Visual tokens (the prefix length)."""
     perceiver_layers: int = 2
     """Blocks of the perceiver pooler."""
-    steps: int = 400
+    global_token: bool = True
+    """Put the pre-trained image embedding (the encoder's pooled features through its contrastive projection, what
+    retrieval and zero-shot classification use) in front of the pooled tokens as one more visual token."""
+    steps: int = 800
     """Optimizer steps."""
     batch_size: int = 8
     """Volumes per worker per step."""
-    lr: float = 1e-3
+    lr: float = 3e-3
     """Peak learning rate of the pooler, projection and decoder (AdamW; linear warm-up, cosine decay)."""
     warmup_steps: int = 40
     """Linear warm-up steps."""

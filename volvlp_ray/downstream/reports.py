@@ -180,27 +180,45 @@ class ReportGenerator(nn.Module):
     reports; :meth:`generate` writes reports."""
 
     def __init__(self, vit: nn.Module, decoder: nn.Module, tokenizer, n_visual: int = 16, pooler: str = "attention",
-                 perceiver_layers: int = 2, tune_encoder: bool = False) -> None:
+                 perceiver_layers: int = 2, tune_encoder: bool = False, image_head: nn.Module | None = None,
+                 embed_dim: int = 0) -> None:
         super().__init__()
         self.vit, self.decoder, self.tune_encoder = vit, decoder, tune_encoder
         hidden = decoder.get_input_embeddings().weight.shape[1]
         self.prefix = VisualPrefix(vit.dim, hidden, n_visual, pooler, perceiver_layers, getattr(vit, "heads", 4))
+        # the pre-trained image embedding (the encoder's pooled features through its contrastive projection: what
+        # retrieval and zero-shot use) as one more visual token, in front of the pooled ones
+        self.image_head = image_head
+        self.global_proj = nn.Linear(embed_dim, hidden) if image_head is not None else None
         self.bos_id, self.eos_id, self.pad_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
         if not tune_encoder:
-            for p in self.vit.parameters():
-                p.requires_grad_(False)
+            for module in (self.vit, self.image_head):
+                for p in module.parameters() if module is not None else ():
+                    p.requires_grad_(False)
+
+    @property
+    def n_prefix(self) -> int:
+        return self.prefix.queries.shape[0] + (self.image_head is not None)
 
     def train(self, mode: bool = True):
         super().train(mode)
         if not self.tune_encoder:
             self.vit.eval()
+        if self.image_head is not None:  # its batch norm keeps the pre-training statistics, tuned or not
+            self.image_head.eval()
         return self
 
     def visual_prefix(self, volume: torch.Tensor, depths: torch.Tensor | None) -> torch.Tensor:
-        """(B, 1, D, H, W) air-padded volumes and their depths -> (B, n_visual, hidden)."""
+        """(B, 1, D, H, W) air-padded volumes and their depths -> (B, n_prefix, hidden)."""
         with nullcontext() if self.tune_encoder and self.training else torch.no_grad():
             tokens, valid = self.vit.forward_tokens(volume, depths)
-        return self.prefix(tokens, valid)
+            glob = None
+            if self.image_head is not None:
+                glob = F.normalize(self.image_head(self.vit.pool_tokens(tokens, valid)), dim=-1)
+        prefix = self.prefix(tokens, valid)
+        if glob is None:
+            return prefix
+        return torch.cat([self.global_proj(glob.to(prefix.dtype)).unsqueeze(1), prefix], dim=1)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.get_input_embeddings()(ids)
@@ -349,7 +367,7 @@ def _param_groups(model: ReportGenerator, cfg) -> list[dict[str, Any]]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.startswith("vit."):
+        if name.startswith(("vit.", "image_head.")):
             enc.append(p)
         elif p.ndim >= 2 and "wte" not in name and "wpe" not in name and "embed" not in name:
             decay.append(p)
@@ -367,8 +385,9 @@ def build_generator(cfg, export_dir: str, tokenizer) -> ReportGenerator:
     from volvlp_ray.models import VLP
 
     r = cfg.report
-    vit = VLP.from_pretrained(export_dir).vision
-    decoder = build_decoder(r.decoder, tokenizer, r.visual_tokens + r.max_length + 1, seed=cfg.seed)
+    vlp = VLP.from_pretrained(export_dir)
+    vit = vlp.vision
+    decoder = build_decoder(r.decoder, tokenizer, r.visual_tokens + r.max_length + 2, seed=cfg.seed)
     if r.decoder_tuning == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -380,8 +399,9 @@ def build_generator(cfg, export_dir: str, tokenizer) -> ReportGenerator:
         for p in decoder.parameters():
             p.requires_grad_(False)
     torch.manual_seed(cfg.seed + 1)
+    head = nn.Sequential(vlp.vision_proj, vlp.vision_norm) if r.global_token else None
     return ReportGenerator(vit, decoder, tokenizer, r.visual_tokens, r.pooler, r.perceiver_layers,
-                           tune_encoder=r.encoder == "tuned")
+                           tune_encoder=r.encoder == "tuned", image_head=head, embed_dim=vlp.embed_dim)
 
 
 def _batches(shard, batch_size: int, seed: int, rank: int, start_step: int, shuffle_buffer: int):
@@ -446,9 +466,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             console.info(f"[report] resumed from step {step} from {checkpoint.path}")
     elif rank == 0:
+        glob = " and the image embedding" if r.global_token else ""
         console.info(f"[report] {world} workers, {r.steps} steps of {r.batch_size} volumes each, "
                      f"{n_train / 1e6:.2f} M trainable parameters (decoder {r.decoder}, {r.decoder_tuning}; encoder "
-                     f"{r.encoder}; {r.visual_tokens} visual tokens by {r.pooler} pooling), ZeRO {r.zero_stage}")
+                     f"{r.encoder}; {r.visual_tokens} visual tokens by {r.pooler} pooling{glob}), ZeRO {r.zero_stage}")
 
     patch_z = int(model.vit.patch[0])
     stream = _batches(ray.train.get_dataset_shard("train"), r.batch_size, cfg.seed, rank, step,

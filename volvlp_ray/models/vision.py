@@ -340,6 +340,10 @@ class ViT3D(nn.Module):
     def forward(self, x: Tensor, depths: Tensor | None = None) -> Tensor:
         """x (B, C, D, H, W), depths (B,) valid slices per sample or None -> features (B, dim)."""
         tokens, valid = self.forward_tokens(x, depths)
+        return self.pool_tokens(tokens, valid)
+
+    def pool_tokens(self, tokens: Tensor, valid: Tensor | None) -> Tensor:
+        """``forward_tokens``' output -> the pooled features (B, dim) that ``forward`` returns."""
         if self.pool == "cls":
             return tokens[:, 0]
         if self.pool == "mean":
