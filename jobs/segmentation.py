@@ -13,7 +13,6 @@ run), writes a JSON report (--out). Joins the Ray cluster at $RAY_ADDRESS when s
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -22,8 +21,7 @@ import time
 from pathlib import Path
 
 from volvlp_ray import console
-from volvlp_ray.config import (ConfigError, add_verbose_flag, apply_verbose_flag, config_to_dict,
-                               with_absolute_paths)
+from volvlp_ray.config import ConfigError, config_to_dict, with_absolute_paths
 
 
 def _label_map_problem(cfg) -> str | None:
@@ -137,24 +135,9 @@ def run_segmentation(checkpoint: str, config_file: str | None = None, overrides:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True,
-                        help="'latest', an export folder (vlp_config.json) or a Ray Train checkpoint folder (export/)")
-    parser.add_argument("--config", default=None, help="YAML file: a partial config tree (over the run's config)")
-    parser.add_argument("--out", default=None, help="write the JSON report here")
-    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. segmentation.steps=300 workspace=ws")
-    add_verbose_flag(parser)
-    args = parser.parse_intermixed_args(argv)
-    apply_verbose_flag(args)
-    from volvlp_ray.eval.checkpoint import CheckpointError
+    from volvlp_ray.downstream.cli import downstream_main
 
-    try:
-        run_segmentation(args.checkpoint, args.config, args.overrides, args.out, mlflow=not args.no_mlflow)
-    except (ConfigError, CheckpointError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return downstream_main(argv, __doc__.splitlines()[0], run_segmentation, "segmentation.steps=300 workspace=ws")
 
 
 if __name__ == "__main__":

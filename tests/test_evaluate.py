@@ -436,6 +436,10 @@ def test_report_generation_job(workspace, latest, ray_session, tmp_path, report_
         leaked, _ = mlflow_text_leaks(db, {r["reference"] for r in rows})
         assert bool(leaked) == opt_in
 
+    # shards that are not there: one clear error before Ray or any training
+    with pytest.raises(FileNotFoundError, match="no train shards at"):
+        job.run_report_generation("latest", overrides=[f"workspace={workspace}", f"data.shards_dir={tmp_path / 'none'}"])
+
 
 def test_report_generation_resumes_after_a_worker_kill(workspace, latest, tmp_path) -> None:
     """The job as a process: rank 0's Ray Train worker is SIGKILLed mid-run, once a checkpoint has been registered
