@@ -5,6 +5,7 @@ reference computations (loss, greedy decoding, padding), what trains under each 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ import torch
 
 from volvlp_ray.data.ctrate import LABELS
 from volvlp_ray.eval import report_metrics as rm
+
+ROOT = Path(__file__).parents[1]
 
 # ------------------------------------------------------------------------------------------------------------------
 # metrics
@@ -332,3 +335,37 @@ def test_most_frequent_breaks_ties_by_text():
 
     assert most_frequent(["b", "a", "b", "a", "c"]) == "a"
     assert most_frequent(["x", "y", "y"]) == "y"
+
+
+def test_held_out_shares_are_disjoint_complete_and_read_only_by_their_rank(tiny_workspace):
+    from volvlp_ray.config import load_config
+    from volvlp_ray.downstream.reports import held_out, held_out_batches
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"workspace={tiny_workspace}"])
+    everything = held_out(cfg, 0)
+    assert [c["index"] for c in everything] == list(range(8)) and len({c["key"] for c in everything}) == 8
+    # a reference reader: the tar members themselves, by tarfile and np.load
+    import io
+    import tarfile
+
+    ref_volumes = {}
+    for tar in sorted((Path(tiny_workspace) / "shards" / "valid").glob("*.tar")):
+        with tarfile.open(tar) as t:
+            for m in t:
+                if m.name.endswith(".volume.npy"):
+                    ref_volumes[m.name[: -len(".volume.npy")]] = np.load(io.BytesIO(t.extractfile(m).read()))
+    assert set(ref_volumes) == {c["key"] for c in everything}
+    assert all(np.array_equal(c["volume"], ref_volumes[c["key"]]) for c in everything)
+    for n in (0, 5):
+        seen = []
+        for rank in range(3):
+            batches = list(held_out_batches(cfg, n, rank, 3, batch_size=2))
+            assert all(1 <= len(b) <= 2 for b in batches)
+            mine = [c for b in batches for c in b]
+            assert [c["index"] for c in mine] == [i for i in range(n or 8) if i % 3 == rank]
+            for c in mine:
+                ref = everything[c["index"]]
+                assert c["key"] == ref["key"] and c["report"] == ref["report"]
+                assert c["volume"].dtype == np.int16 and np.array_equal(c["volume"], ref["volume"])
+            seen += [c["index"] for c in mine]
+        assert sorted(seen) == list(range(n or 8))

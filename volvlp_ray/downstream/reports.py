@@ -323,24 +323,42 @@ def train_dataset(cfg):
     return read_shards(files, suffixes=list(CORE_MEMBERS), shuffle="files", **kwargs).flat_map(_Rows())
 
 
-def held_out(cfg, n: int) -> list[dict[str, Any]]:
-    """The first ``n`` (0 = all) held-out samples in shard order: key, int16 volume, report."""
+def held_out_batches(cfg, n: int, rank: int = 0, world: int = 1, batch_size: int = 8):
+    """This rank's share of the first ``n`` (0 = all) decodable held-out samples in shard order (sample ``i`` is
+    rank ``i % world``'s), streamed in batches of ``batch_size``: lists of {index, key, volume (int16), report}.
+    Volumes are read by reference, and only this rank's: no rank holds the split, or reads others' voxels."""
     from volvlp_ray.data.pipeline import shard_files
-    from volvlp_ray.data.reader import iter_samples, open_shard
+    from volvlp_ray.data.reader import iter_samples, open_shard, read_volumes
     from volvlp_ray.data.shards import CORE_MEMBERS, DecodeError, decode_sample
 
-    out = []
+    i, batch = 0, []
     for location in shard_files(cfg, "valid"):
         with open_shard(location) as stream:
-            for raw in iter_samples(stream, location, suffixes=list(CORE_MEMBERS)):
+            for raw in iter_samples(stream, location, suffixes=list(CORE_MEMBERS), refs=("volume.npy",)):
+                if n and i >= n:
+                    break
                 try:
-                    s = decode_sample(raw)
-                except DecodeError:
+                    s = decode_sample(raw, location)
+                except (DecodeError, ValueError):
                     continue
-                out.append({"key": s["key"], "volume": np.array(s["volume"]), "report": s["report"]})
-                if n and len(out) >= n:
-                    return out
-    return out
+                if i % world == rank:
+                    ref = s["volume"]
+                    vol = np.empty((1, *ref.shape), dtype=np.int16)
+                    read_volumes([ref], vol)
+                    batch.append({"index": i, "key": s["key"], "volume": vol[0], "report": s["report"]})
+                    if len(batch) == batch_size:
+                        yield batch
+                        batch = []
+                i += 1
+        if n and i >= n:
+            break
+    if batch:
+        yield batch
+
+
+def held_out(cfg, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` (0 = all) decodable held-out samples in shard order: index, key, int16 volume, report."""
+    return [c for b in held_out_batches(cfg, n) for c in b]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -416,7 +434,7 @@ def _batches(shard, batch_size: int, seed: int, rank: int, start_step: int, shuf
         epoch += 1
 
 
-def _save(engine, rank: int, step: int, loss: float, tmp: str) -> None:
+def _save(engine, rank: int, step: int, tmp: str) -> None:
     from volvlp_ray.train.checkpoint import save_worker_state
 
     engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={"step": step})
@@ -498,7 +516,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     console.info(line)
         if step % r.checkpoint_every == 0 or step == r.steps:
             with tempfile.TemporaryDirectory(prefix="volvlp-report-") as tmp:
-                _save(engine, rank, step, recent[-1] if recent else log[-1]["loss"], tmp)
+                _save(engine, rank, step, tmp)
                 if rank == 0:
                     with open(os.path.join(tmp, "train_log.json"), "w") as f:
                         json.dump(log, f)
@@ -506,43 +524,44 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                  checkpoint=Checkpoint.from_directory(tmp))
     train_seconds = time.time() - t0
 
-    # ---- generation and the retrieval baseline, every rank its share of the held-out volumes --------------------
+    # ---- generation and the retrieval baseline: every rank its share of the held-out volumes, streamed ---------
     from volvlp_ray.models import VLP
 
     engine.eval()
     gen: ReportGenerator = engine.module
-    cases = held_out(cfg, r.eval_volumes)
-    mine = list(range(rank, len(cases), world))
-    decodings = {"greedy": 1, "beam": r.num_beams}
+    beams = {"greedy": 1, "beam": r.num_beams}
     bs = max(1, min(cfg.eval.batch_size, 16))
-    rows: dict[int, dict[str, Any]] = {i: {"key": cases[i]["key"], "reference": cases[i]["report"]} for i in mine}
-    t1 = time.time()
-    for name in r.decoding:
-        for j in range(0, len(mine), bs):
-            idx = mine[j : j + bs]
-            x, depths = pad_volumes([cases[i]["volume"] for i in idx], patch_z, cfg.data.hu_window)
-            out = gen.generate(x.to(device, dtype), depths.to(device), r.max_length - 1, decodings[name])
-            for i, ids in zip(idx, out):
-                rows[i][name] = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
-        if rank == 0:
-            console.info(f"[report] {name} decoding of {len(cases)} held-out volumes on {world} workers "
-                         f"({time.time() - t1:.0f}s)")
-    vlp_emb = None
+    vlp = None
     train_reports: list[str] = []
     if r.baselines:
         from volvlp_ray.eval.embed import encode_volumes
 
         train_reports = ray.get(config["train_reports"]) if config.get("train_reports") is not None else []
         vlp = VLP.from_pretrained(config["export_dir"]).to(device)
-        feats = []
-        for j in range(0, len(mine), bs):
-            idx = mine[j : j + bs]
-            x, depths = pad_volumes([cases[i]["volume"] for i in idx], patch_z, cfg.data.hu_window)
-            feats.append(encode_volumes(vlp, x.to(device), depths.to(device), cfg.eval.volume_mode,
-                                        cfg.eval.chunk_depth, cfg.eval.chunk_stride, cfg.eval.chunk_pool,
+    rows: dict[int, dict[str, Any]] = {}
+    feats: list[torch.Tensor] = []
+    t1, last = time.time(), time.time()
+    for batch in held_out_batches(cfg, r.eval_volumes, rank, world, bs):
+        x, depths = pad_volumes([c["volume"] for c in batch], patch_z, cfg.data.hu_window)
+        x, depths = x.to(device, dtype), depths.to(device)
+        for c in batch:
+            rows[c["index"]] = {"key": c["key"], "reference": c["report"]}
+        for name in r.decoding:
+            for c, ids in zip(batch, gen.generate(x, depths, r.max_length - 1, beams[name])):
+                rows[c["index"]][name] = tokenizer.decode(ids, skip_special_tokens=True,
+                                                          clean_up_tokenization_spaces=True)
+        if vlp is not None:
+            feats.append(encode_volumes(vlp, x.float(), depths, cfg.eval.volume_mode, cfg.eval.chunk_depth,
+                                        cfg.eval.chunk_stride, cfg.eval.chunk_pool,
                                         max_chunks_per_pass=cfg.eval.batch_size).float().cpu())
+        if rank == 0 and time.time() - last > 30:
+            last = time.time()
+            console.info(f"[report] generating: {len(rows)} held-out volumes on this worker so far "
+                         f"({time.time() - t1:.0f}s)")
+    vlp_emb = None
+    if vlp is not None:
         vol_emb = torch.cat(feats) if feats else torch.zeros(0, vlp.embed_dim)
-        # each rank embeds a share of the training reports; everyone gets all of them
+        # each rank embeds a share of the training reports; rank 0 gets all of them
         share = list(range(rank, len(train_reports), world))
         txt = [vlp.embed_reports([train_reports[i] for i in share[k : k + 64]]).float().cpu()
                for k in range(0, len(share), 64)]
@@ -554,6 +573,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         gathered = [(rows, vlp_emb)]
     gen_seconds = time.time() - t1
+    n_eval = sum(len(g[0]) for g in gathered)
+    if rank == 0:
+        console.info(f"[report] {' and '.join(r.decoding)} decoding of {n_eval} held-out volumes on {world} workers"
+                     f"{' and their retrieval baseline' if vlp is not None else ''} ({gen_seconds:.0f}s)")
 
     metrics: dict[str, float] = {"step": step}
     with tempfile.TemporaryDirectory(prefix="volvlp-report-") as tmp:
@@ -581,7 +604,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with open(os.path.join(tmp, "run.json"), "w") as f:
                 json.dump({"steps": step, "train_seconds": train_seconds, "generate_seconds": gen_seconds,
                            "trainable_parameters": n_train, "world_size": world,
-                           "global_batch": r.batch_size * world, "n_eval": len(cases)}, f)
+                           "global_batch": r.batch_size * world, "n_eval": n_eval}, f)
             save_generator(gen, tokenizer, cfg, os.path.join(tmp, GENERATOR_DIR))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None)
 
