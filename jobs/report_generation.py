@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from volvlp_ray import console
-from volvlp_ray.config import config_to_dict, with_absolute_paths
+from volvlp_ray.config import ConfigError, config_to_dict, with_absolute_paths
 
 SYSTEMS_ORDER = ("greedy", "beam", "most_frequent", "retrieval")
 HEADLINE = ("bleu_1", "bleu_4", "meteor", "rouge_l", "bertscore_f1")
@@ -135,10 +135,14 @@ def run_report_generation(checkpoint: str, config_file: str | None = None, overr
     for split in ("train", "valid"):
         location = storage.child(storage.normalise(cfg.shards_path), split)
         try:
-            read_manifest(location)
+            manifest = read_manifest(location)
         except (FileNotFoundError, OSError):
             raise FileNotFoundError(f"no {split} shards at {storage.redact(location)} (pre-train in "
                                     f"workspace={cfg.workspace} first, or set data.shards_dir)") from None
+        n = int(manifest.get("num_samples", 0))
+        if split == "train" and n < r.batch_size * cfg.scaling.num_workers:
+            raise ConfigError(f"the training split has {n} volumes: too few for report.batch_size={r.batch_size} on "
+                              f"each of scaling.num_workers={cfg.scaling.num_workers} workers")
     console.info(f"[report] checkpoint: {ref.export_dir} (run {ref.run_name or 'unknown'}); decoder {r.decoder} "
                  f"({r.decoder_tuning}), encoder {r.encoder}, {r.steps} steps, {cfg.scaling.num_workers} workers")
     ensure_ray(cfg)

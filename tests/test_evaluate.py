@@ -436,9 +436,13 @@ def test_report_generation_job(workspace, latest, ray_session, tmp_path, report_
         leaked, _ = mlflow_text_leaks(db, {r["reference"] for r in rows})
         assert bool(leaked) == opt_in
 
-    # shards that are not there: one clear error before Ray or any training
+    # shards that are not there, or too few volumes for a batch on every worker: one clear error before Ray
+    from volvlp_ray.config import ConfigError
+
     with pytest.raises(FileNotFoundError, match="no train shards at"):
         job.run_report_generation("latest", overrides=[f"workspace={workspace}", f"data.shards_dir={tmp_path / 'none'}"])
+    with pytest.raises(ConfigError, match="has 16 volumes: too few for report.batch_size=9"):
+        job.run_report_generation("latest", overrides=[f"workspace={workspace}", "report.batch_size=9"])
 
 
 def test_report_generation_resumes_after_a_worker_kill(workspace, latest, tmp_path) -> None:

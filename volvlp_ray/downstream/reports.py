@@ -427,10 +427,15 @@ def _batches(shard, batch_size: int, seed: int, rank: int, start_step: int, shuf
     step it starts at, so a resumed run does not replay the interrupted pass's order)."""
     epoch = 0
     while True:
+        n = 0
         for b in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
                                     local_shuffle_buffer_size=shuffle_buffer or None,
                                     local_shuffle_seed=seed * 1_000_003 + rank * 1009 + start_step * 7 + epoch):
+            n += 1
             yield list(b["volume"]), [str(t) for t in b["report"]]
+        if n == 0:
+            raise ValueError(f"worker {rank}: a pass over its share of the training split gave no full batch of "
+                             f"report.batch_size={batch_size} volumes: lower report.batch_size or use fewer workers")
         epoch += 1
 
 
