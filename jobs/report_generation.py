@@ -120,7 +120,7 @@ def run_report_generation(checkpoint: str, config_file: str | None = None, overr
     from volvlp_ray.eval.checkpoint import resolve_checkpoint, run_config_of
     from volvlp_ray.eval.job import build_eval_config
     from volvlp_ray.eval.report_metrics import score_systems
-    from volvlp_ray.train.trainer import ensure_ray, runs_storage
+    from volvlp_ray.train.trainer import ensure_ray, runs_storage, worker_env
 
     t0 = time.time()
     overrides = list(overrides or [])
@@ -157,11 +157,7 @@ def run_report_generation(checkpoint: str, config_file: str | None = None, overr
     console.info(f"[report] {len(corpus)} training reports read ({time.time() - t_corpus:.0f}s); decoder "
                  f"vocabulary {len(tokenizer)} tokens")
     run_name = f"report_generation-{ref.run_name or 'model'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    env = {"env_vars": {"OMP_NUM_THREADS": str(cfg.scaling.cpus_per_worker), "TOKENIZERS_PARALLELISM": "false",
-                        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
-    if not cfg.scaling.use_gpu:
-        env["env_vars"]["DS_ACCELERATOR"] = "cpu"
-    env["env_vars"].update({k: v for k, v in os.environ.items() if k.startswith("VOLVLP_")})  # --verbose among them
+    env = worker_env(cfg)
     with console.Relay() as relay:
         trainer = TorchTrainer(
             train_loop_per_worker,

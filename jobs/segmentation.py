@@ -65,7 +65,7 @@ def run_segmentation(checkpoint: str, config_file: str | None = None, overrides:
     from volvlp_ray.downstream.segmentation import train_dataset, train_loop_per_worker
     from volvlp_ray.eval.checkpoint import resolve_checkpoint, run_config_of
     from volvlp_ray.eval.job import build_eval_config
-    from volvlp_ray.train.trainer import ensure_ray, runs_storage
+    from volvlp_ray.train.trainer import ensure_ray, runs_storage, worker_env
 
     t0 = time.time()
     overrides = list(overrides or [])
@@ -85,10 +85,7 @@ def run_segmentation(checkpoint: str, config_file: str | None = None, overrides:
                  f" for unetr), {s.steps} steps each, crops {s.crop}, {cfg.scaling.num_workers} workers")
     ensure_ray(cfg)
     run_name = f"segmentation-{ref.run_name or 'model'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    env = {"env_vars": {"OMP_NUM_THREADS": str(cfg.scaling.cpus_per_worker), "TOKENIZERS_PARALLELISM": "false",
-                        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
-    if not cfg.scaling.use_gpu:
-        env["env_vars"]["DS_ACCELERATOR"] = "cpu"
+    env = worker_env(cfg)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False

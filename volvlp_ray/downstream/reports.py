@@ -309,18 +309,10 @@ class _Rows:
 
 
 def train_dataset(cfg):
-    """Ray Dataset of the training split's (volume, report) rows."""
-    from volvlp_ray.data import storage
-    from volvlp_ray.data.pipeline import shard_files
-    from volvlp_ray.data.reader import read_shards
-    from volvlp_ray.data.shards import CORE_MEMBERS
+    """Ray Dataset of the training split's (volume, report) rows (read as pre-training reads its shards)."""
+    from volvlp_ray.data.pipeline import read_samples, shard_files
 
-    files = shard_files(cfg, "train")
-    kwargs: dict[str, Any] = {}
-    env = storage.task_runtime_env(*files)
-    if env:
-        kwargs["runtime_env"] = env
-    return read_shards(files, suffixes=list(CORE_MEMBERS), shuffle="files", **kwargs).flat_map(_Rows())
+    return read_samples(cfg, shard_files(cfg, "train"), shuffle="files").flat_map(_Rows())
 
 
 def held_out_batches(cfg, n: int, rank: int = 0, world: int = 1, batch_size: int = 8):
@@ -329,12 +321,13 @@ def held_out_batches(cfg, n: int, rank: int = 0, world: int = 1, batch_size: int
     Volumes are read by reference, and only this rank's: no rank holds the split, or reads others' voxels."""
     from volvlp_ray.data.pipeline import shard_files
     from volvlp_ray.data.reader import iter_samples, open_shard, read_volumes
-    from volvlp_ray.data.shards import CORE_MEMBERS, DecodeError, decode_sample
+    from volvlp_ray.data.shards import CORE_MEMBERS, LABELMAP_MEMBER, DecodeError, decode_sample
 
     i, batch = 0, []
     for location in shard_files(cfg, "valid"):
         with open_shard(location) as stream:
-            for raw in iter_samples(stream, location, suffixes=list(CORE_MEMBERS), refs=("volume.npy",)):
+            for raw in iter_samples(stream, location, suffixes=list(CORE_MEMBERS),
+                                    refs=("volume.npy", LABELMAP_MEMBER)):  # label maps skipped unread
                 if n and i >= n:
                     break
                 try:

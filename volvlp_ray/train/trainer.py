@@ -298,6 +298,23 @@ def default_run_name(cfg: Config) -> str:
     return f"{cfg.loss.kind}-{cfg.model.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def worker_env(cfg: Config) -> dict:
+    """The ``worker_runtime_env`` of a job's Ray Train workers (pre-training and the downstream jobs)."""
+    env = {"env_vars": {
+        "OMP_NUM_THREADS": str(cfg.scaling.cpus_per_worker),
+        "TOKENIZERS_PARALLELISM": "false",
+        # the project's lines go through the relay (or, without one, to stdout, which Ray forwards with
+        # --verbose; Train's print patch would route them to a logger that the driver does not show)
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }}
+    if not cfg.scaling.use_gpu:
+        env["env_vars"]["DS_ACCELERATOR"] = "cpu"
+    # the project's test hooks (VOLVLP_STEP_TRACE, VOLVLP_INJECT_NAN, ...) and --verbose reach the workers on a
+    # cluster too
+    env["env_vars"].update({k: v for k, v in os.environ.items() if k.startswith("VOLVLP_")})
+    return env
+
+
 def build_trainer(cfg: Config, run_name: str, tokenizer_dir: str, tracking_uri: str, run_id: str,
                   callbacks: list | None = None, storage: str | None = None, relay=None):
     """The TorchTrainer of one training run; ``storage``: where Ray Train keeps the run (default
@@ -316,17 +333,7 @@ def build_trainer(cfg: Config, run_name: str, tokenizer_dir: str, tracking_uri: 
     # the loop prints its own progress; per-operator bars from the streaming split would flood the log
     ray.data.DataContext.get_current().enable_progress_bars = False
 
-    env = {"env_vars": {
-        "OMP_NUM_THREADS": str(cfg.scaling.cpus_per_worker),
-        "TOKENIZERS_PARALLELISM": "false",
-        # the project's lines go through the relay (or, without one, to stdout, which Ray forwards with
-        # --verbose; Train's print patch would route them to a logger that the driver does not show)
-        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    }}
-    if not cfg.scaling.use_gpu:
-        env["env_vars"]["DS_ACCELERATOR"] = "cpu"
-    # the project's test hooks (VOLVLP_STEP_TRACE, VOLVLP_INJECT_NAN, ...) reach the workers on a cluster too
-    env["env_vars"].update({k: v for k, v in os.environ.items() if k.startswith("VOLVLP_")})
+    env = worker_env(cfg)
     if cfg.data.volume_transport == "direct":  # the workers read the voxels from the shards themselves
         from volvlp_ray.data.storage import task_runtime_env
 
