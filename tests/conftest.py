@@ -23,11 +23,6 @@ differs from the original only in the shard manifests' ``source_id``, which name
 path: the copy's manifests name the copy's own ``data/synthetic`` (the folder a job on the copy generates its source
 into), so the job finds its shards current instead of rebuilding them.
 
-The suite runs on two pytest workers (``-n 2 --dist loadfile`` in ``pyproject.toml``: a file's tests on one worker,
-its module fixtures made once), each with its own session Ray; files with ``slow`` tests are handed out first, so
-that no long job is left for the end. The tiny workspace is built once for both workers. A test's speed varies with
-what the other worker runs meanwhile: a test that compares speeds compares them within its own run.
-
 ``mlflow_text_leaks(db, needles)`` scans everything an SQLite-backed MLflow store holds (every table of the
 database and its raw bytes, every file under every experiment's, run's and logged model's artifact location as
 the MLflow client reports them, inside zip/gzip files too) for the given texts; ``report_texts(ws)`` gives the
@@ -36,7 +31,6 @@ sentence (less what the repository's own source holds: template sentences, label
 returning the function.
 """
 
-import fcntl
 import gzip
 import json
 import os
@@ -61,25 +55,6 @@ OUTSIDE_ENV_PREFIXES = ("RAY_AUTH_", "AWS_")
 
 def _outside_env_keys() -> list[str]:
     return [k for k in os.environ if k in OUTSIDE_ENV or k.startswith(OUTSIDE_ENV_PREFIXES)]
-
-
-# --------------------------------------------------------------------------------------------------------
-# two pytest workers on two cores
-
-def _shared_root(tmp_path_factory) -> Path | None:
-    """A folder both pytest workers see (None without xdist): the parent of this worker's base temp folder."""
-    return tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") else None
-
-
-_JOB_FIXTURES = {"pretrain_job", "ray_session", "tiny_workspace", "copy_tiny_workspace"}
-
-
-def pytest_collection_modifyitems(config, items):
-    """Files with real jobs (a ``slow`` test, or one on Ray or the tiny workspace) first: each worker gets the long
-    runs early and the quick files even out the end."""
-    heavy = {item.path for item in items
-             if item.get_closest_marker("slow") or _JOB_FIXTURES & set(getattr(item, "fixturenames", ()))}
-    items.sort(key=lambda item: item.path not in heavy)  # stable: the files' own order within each group
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -206,24 +181,7 @@ MlflowClient(resolve_tracking_uri(cfg)).search_experiments()
 @pytest.fixture(scope="session")
 def tiny_workspace(tmp_path_factory) -> Path:
     """configs/tiny.yaml's synthetic data, shards and tokenizer, made once by the job's own code (read only)."""
-    shared = _shared_root(tmp_path_factory)
-    if shared is None:
-        return _build_tiny(tmp_path_factory.mktemp("tiny-workspace"))
-    ws = shared / "tiny-workspace"
-    with open(shared / "tiny-workspace.lock", "a") as lock:  # the first worker builds it, the other waits for it
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if not (ws / ".built").is_file():
-                shutil.rmtree(ws, ignore_errors=True)
-                ws.mkdir()
-                _build_tiny(ws)
-                (ws / ".built").touch()
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    return ws
-
-
-def _build_tiny(ws: Path) -> Path:
+    ws = tmp_path_factory.mktemp("tiny-workspace")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     p = subprocess.run([sys.executable, "-c", _BUILD_TINY, str(ROOT / "configs" / "tiny.yaml"), f"workspace={ws}"],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
@@ -242,7 +200,7 @@ def copy_tiny_workspace(tiny_workspace):
 
     def copy(dest) -> Path:
         dest = Path(dest)
-        shutil.copytree(tiny_workspace, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".built"))
+        shutil.copytree(tiny_workspace, dest, dirs_exist_ok=True)
         moved = source_id(dest / "data" / "synthetic")
         for split in SPLITS:
             for name in ("manifest.json", "_plan.json"):

@@ -263,6 +263,9 @@ def test_greedy_generation_is_the_argmax_loop(parts):
             assert got[b] == out
     beams = gen.generate(x, depths, max_new_tokens=12, num_beams=3)
     assert len(beams) == 2 and all(isinstance(t, int) for row in beams for t in row)
+    # these inputs tell greedy from 3-beam search apart (the untrained decoder mostly repeats one token, and on most
+    # inputs both decodings agree): the argmax equality above fails for a generate that searches with 3 beams
+    assert beams != got
 
 
 def test_what_trains_under_each_setting(tmp_path, parts, monkeypatch):

@@ -483,11 +483,9 @@ def test_tracking_outages_during_a_real_training_run(tmp_path, capsys, own_serve
     print(f"steps/s: run median {median_rate:.2f}; server away: first outage {away1:.2f} "
           f"({events['restart'][0] - events['kill1'][0]:.0f} s), second outage {away2:.2f} "
           f"({ts[-1] - events['kill2'][0]:.0f} s, {sum(t > events['kill2'][0] for t in ts)} steps)")
-    # logging on the training path trained at ~3 % of the median while the server was away; the other pytest
-    # worker's load may change during the run (up to half the cores): a quarter of the median still tells them apart
-    assert away1 >= 0.25 * median_rate, (away1, median_rate)
+    assert away1 >= 0.5 * median_rate, (away1, median_rate)
     if ts[-1] - events["kill2"][0] >= 5:
-        assert away2 >= 0.25 * median_rate, (away2, median_rate)
+        assert away2 >= 0.5 * median_rate, (away2, median_rate)
 
     # the replay command the job printed: every step once, the driver's metrics, the model, the final status
     t1 = time.time()
