@@ -214,6 +214,23 @@ def copy_tiny_workspace(tiny_workspace):
     return copy
 
 
+@pytest.fixture(scope="session")
+def trained_tiny_workspace(tmp_path_factory, copy_tiny_workspace, pretrain_job) -> tuple[Path, str]:
+    """``(workspace, output)``: a copy of the tiny workspace holding one finished pre-training run of
+    configs/tiny.yaml (run name ``tiny``: 6 steps, checkpoints at steps 3 and 6, the last with ``export/``, the
+    held-out evaluation, the MLflow model; the step trace of both ranks in ``trace/``), and what the job printed.
+    One run for every module that only reads a finished run or adds to it (``test_embed.py``, ``test_evaluate.py``,
+    ``test_pretrain_e2e.py``): they evaluate it, log downstream results to it and read its MLflow store, but never
+    start another pre-training run in it (``latest`` stays this run's checkpoint). Run with this workspace as the
+    working directory: should anything fall back to MLflow's default ``./mlruns``, it lands in the workspace."""
+    ws = copy_tiny_workspace(tmp_path_factory.mktemp("trained"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ws)
+        out = pretrain_job(f"workspace={ws}", "run_name=tiny", env={"VOLVLP_STEP_TRACE": str(ws / "trace")}).ok().output
+    assert "[data] shards ready" in out and "[prepare]" not in out and "tokenizer built" not in out, out[-3000:]
+    return ws, out
+
+
 # --------------------------------------------------------------------------------------------------------
 # what an MLflow store holds: a scan for report text
 

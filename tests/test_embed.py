@@ -48,17 +48,13 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, copy_tiny_workspace, pretrain_job) -> Path:
-    ws = copy_tiny_workspace(tmp_path_factory.mktemp("embedws"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(ws)
-        pretrain_job(f"workspace={ws}", "run_name=embedtiny").ok()
-    return ws
+def workspace(trained_tiny_workspace) -> Path:
+    return trained_tiny_workspace[0]  # the session's trained tiny run (conftest), run name "tiny"
 
 
 @pytest.fixture(scope="module")
 def checkpoint(workspace) -> Path:
-    (ckpt,) = [p for p in (workspace / "ray_results" / "embedtiny").glob("checkpoint_*") if (p / "export").is_dir()]
+    (ckpt,) = [p for p in (workspace / "ray_results" / "tiny").glob("checkpoint_*") if (p / "export").is_dir()]
     return ckpt
 
 
@@ -294,7 +290,7 @@ def test_model_as_checkpoint_latest_and_mlflow_uris(capsys, workspace, checkpoin
     want = by_hand(model, scans["nifti"])["embedding"]
     client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
     exp = client.get_experiment_by_name("volvlp_ray")
-    (mlrun,) = client.search_runs([exp.experiment_id], filter_string="tags.`volvlp.run_name` = 'embedtiny'")
+    (mlrun,) = client.search_runs([exp.experiment_id], filter_string="tags.`volvlp.run_name` = 'tiny'")
     model_uri = mlrun.data.tags["volvlp.model_uri"]
     assert model_uri.startswith("models:/")
     forms = [(str(checkpoint), [], "ray_checkpoint"), ("latest", [f"workspace={workspace}"], "latest"),
@@ -304,7 +300,7 @@ def test_model_as_checkpoint_latest_and_mlflow_uris(capsys, workspace, checkpoin
         rc, stdout, err = run(capsys, "--model", spec, str(scans["nifti"]), "--json", *overrides)
         assert rc == 0, (spec, err)
         result = json.loads(stdout)
-        assert result["model"]["kind"] == kind and result["model"]["run_name"] == "embedtiny", result["model"]
+        assert result["model"]["kind"] == kind and result["model"]["run_name"] == "tiny", result["model"]
         np.testing.assert_allclose(result["scans"][0]["embedding"], want, atol=1e-5, err_msg=spec)
     # the tracking URI from the environment; no workspace (./workspace has no mlflow.db)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")

@@ -1,6 +1,6 @@
 """Fitting the cluster before training (``train/trainer.py``: ``plan_worker_cpus``): the workers' reservation, the CPUs
 kept for Ray Data's tasks, and the error that names what is missing and what to change. The real 2-CPU head is in
-tests/test_job_submit.py."""
+tests/test_job_submit.py. And the Ray Train settings of a local Ray instance (``start_local_ray``)."""
 
 from __future__ import annotations
 
@@ -62,3 +62,20 @@ def test_bad_settings_are_config_errors():
                             ("train.timeout_s=0", "train.timeout_s"), ("scaling.cluster=elastic", "scaling.cluster")]:
         with pytest.raises(ConfigError, match=match):
             load_config(None, [override])
+
+
+def test_a_local_ray_polls_its_workers_often_and_watches_no_preemption(ray_session):
+    """A local Ray started by the job (``start_local_ray``; the session's is one): Ray Train's controller polls its
+    workers every 0.5 s instead of 2 s and starts no preemption watcher (one node that no autoscaler drains) --
+    values ``fit()`` hands to the controller, which reads them; a value the user set stays."""
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    from volvlp_ray.train.trainer import LOCAL_RAY_TRAIN_ENV, local_ray_train_env
+
+    assert LOCAL_RAY_TRAIN_ENV == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+                                   "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    handed = get_env_vars_to_propagate()
+    assert {k: handed.get(k) for k in LOCAL_RAY_TRAIN_ENV} == LOCAL_RAY_TRAIN_ENV
+    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3"}
+    local_ray_train_env(env)
+    assert env == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}

@@ -11,10 +11,9 @@ pytestmark = pytest.mark.timeout(1800)  # real jobs; one or two in a test (the m
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, copy_tiny_workspace, pretrain_job):
-    ws = copy_tiny_workspace(tmp_path_factory.mktemp("ws"))  # tiny.yaml's data, shards and tokenizer
-    out = pretrain_job(f"workspace={ws}", "run_name=e2e", env={"VOLVLP_STEP_TRACE": str(ws / "trace")}).ok().output
-    assert "[data] shards ready" in out and "[prepare]" not in out and "tokenizer built" not in out
+def tiny_run(trained_tiny_workspace):
+    """The session's trained tiny run (conftest: run name ``tiny``, both ranks' step trace in ``trace/``)."""
+    ws, out = trained_tiny_workspace
     assert "shm_comm_op built" not in out  # CPU runs skip DeepSpeed's shared-memory comm op (train/deepspeed.py)
     return ws, out
 
@@ -48,7 +47,7 @@ def test_job_logs_to_mlflow(tiny_run):
     ws, out = tiny_run
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
     exp = client.get_experiment_by_name("volvlp_ray")
-    runs = client.search_runs([exp.experiment_id], filter_string="tags.`volvlp.run_name` = 'e2e'")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`volvlp.run_name` = 'tiny'")
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
@@ -76,7 +75,7 @@ def test_checkpoint_and_export(tiny_run):
     from volvlp_ray.models import VLP
 
     ws, _ = tiny_run
-    run_dir = ws / "ray_results" / "e2e"
+    run_dir = ws / "ray_results" / "tiny"
     ckpts = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert len(ckpts) == 2  # steps 3 and 6 (num_to_keep=2)
     last = ckpts[-1]
@@ -163,8 +162,8 @@ def test_the_privacy_scan_finds_report_text_logged_on_purpose(tmp_path, tiny_wor
     assert "bundle.zip!inner" in str(leaked[valid[1]]), leaked[valid[1]]
 
 
-def test_second_run_reuses_data(tiny_run, pretrain_job):
-    ws, _ = tiny_run
+def test_second_run_reuses_data(tmp_path, copy_tiny_workspace, pretrain_job):
+    ws = copy_tiny_workspace(tmp_path / "ws")  # not the shared trained one: its latest checkpoint stays the run's
     # (and trains on volumes normalised in Ray Data rather than on the device: not a shard option, shards reused)
     # organ mode (SigVLP chunks cut at batch time to the step's agreed length): equal tokens, no mask, lengths vary
     out = pretrain_job(f"workspace={ws}", "run_name=e2e-again", "train.steps=6", "train.checkpoint_every=6",
@@ -245,10 +244,10 @@ def test_run_model_and_one_call_embeddings(tiny_run):
     uri = f"sqlite:///{ws / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("volvlp_ray")
-    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`volvlp.run_name` = 'e2e'")
+    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`volvlp.run_name` = 'tiny'")
     logged = client.search_logged_models([exp.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
     assert len(logged) == 1 and logged[0].name == "model"
-    export = sorted(p for p in (ws / "ray_results" / "e2e").glob("checkpoint_*") if p.is_dir())[-1] / "export"
+    export = sorted(p for p in (ws / "ray_results" / "tiny").glob("checkpoint_*") if p.is_dir())[-1] / "export"
     model = volvlp_ray.VLP.from_pretrained(export)
 
     report = "The heart is enlarged. No pleural effusion."

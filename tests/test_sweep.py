@@ -1,5 +1,6 @@
-"""Sweeps: the search-space parser, the concurrency rule, and a real 2-trial sweep (one at a time) on the tiny
-config that is interrupted after its first finished trial and resumed with the same name."""
+"""Sweeps: the search-space parser, the concurrency rule, and a real 2-trial sweep (one at a time, one training
+worker per trial) on the tiny config that is interrupted after its first finished trial and resumed with the same
+name."""
 
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def test_concurrency_follows_resources():
 
 
 SWEEP_ARGS = [
-    "loss.kind=swca", "train.steps=4", "train.checkpoint_every=2", "train.log_every=1", "eval.every=2",
+    "loss.kind=swca", "scaling.num_workers=1", "train.steps=4", "train.checkpoint_every=2", "train.log_every=1", "eval.every=2",
     "eval.val_volumes=8", "sweep.name=st", "sweep.max_concurrent=1", "sweep.grace_period=2",
     "sweep.search_space={loss.alpha: [0.5, 1.0], model.init_logit_scale: [5.0]}",
 ]

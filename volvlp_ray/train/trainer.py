@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,21 @@ def train_timeouts(cfg: Config) -> int:
     return cfg.train.timeout_s
 
 
+# Ray Train settings for a local instance (one node of this machine, which no autoscaler drains): the controller's
+# poll of its workers every 0.5 s instead of 2 s (each run waits on that poll to see its workers started and
+# finished), and no preemption watcher (an actor per run, polling for a node drain that cannot come). Measured on the
+# 2-core machine, a 6-step configs/tiny.yaml run on a warm local Ray: 27.4 s on average (21.7-33.6) -> 19.2 s
+# (18.7-20.5). A value the user set stays; a cluster (``$RAY_ADDRESS``) keeps Ray Train's defaults.
+LOCAL_RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def local_ray_train_env(environ: MutableMapping[str, str] = os.environ) -> None:
+    """:data:`LOCAL_RAY_TRAIN_ENV` into ``environ`` (the driver's environment, which ``fit()`` hands to Ray Train's
+    controller), each value only where the user set none."""
+    for key, value in LOCAL_RAY_TRAIN_ENV.items():
+        environ.setdefault(key, value)
+
+
 def start_local_ray(**init_kwargs: Any) -> str:
     """A new local Ray instance of our own (never a cluster some ``ray start`` left on this machine) whose
     processes know its address: Ray Train's placement-group cleaner finds "the" cluster through
@@ -201,6 +217,7 @@ def start_local_ray(**init_kwargs: Any) -> str:
 
     import ray
 
+    local_ray_train_env()
     with socket.socket() as sock:  # a free port for the GCS, so that its address is known before it starts
         sock.bind(("", 0))
         port = sock.getsockname()[1]
