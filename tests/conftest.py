@@ -16,9 +16,9 @@ WebDataset shards, the scratch tokenizer), for tests whose jobs run on that data
         # jobs/pretrain.py --config configs/tiny.yaml workspace=ws ...  prints "[data] shards ready" and builds
         # neither data, shards nor tokenizer (as long as no shard option differs from tiny.yaml's)
 
-``tiny_workspace`` is the built original (read it, never write to it). It is made by a subprocess running the
-job's own first stages (``ensure_ray``, ``ensure_shards``, ``ensure_tokenizer`` of ``volvlp_ray.train.trainer``,
-the same local Ray sizing as ``jobs/pretrain.py``), and its MLflow database is made with its tables (no run). A copy
+``tiny_workspace`` is the built original (read it, never write to it). It is made in this process, on the
+session's Ray, by the job's own first stages (``ensure_shards``, ``ensure_tokenizer`` of
+``volvlp_ray.train.trainer``), and its MLflow database is made with its tables (no run). A copy
 differs from the original only in the shard manifests' ``source_id``, which names the synthetic source by absolute
 path: the copy's manifests name the copy's own ``data/synthetic`` (the folder a job on the copy generates its source
 into), so the job finds its shards current instead of rebuilding them.
@@ -37,7 +37,6 @@ import os
 import re
 import shutil
 import sqlite3
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -109,6 +108,44 @@ class JobRun:
         return self
 
 
+def _captured(fn, *args, env: dict | None = None):
+    """``fn(*args)`` with its output captured at the Python and file-descriptor level (Ray's worker lines included,
+    those forwarded before the call returns), ``env`` set and the caller's outside services removed meanwhile:
+    ``(result, error, output)``, the exception it raised as ``error`` (``result`` None then)."""
+    import io
+    import tempfile
+
+    text = io.StringIO()
+    result = error = None
+    with tempfile.TemporaryFile() as fd_out, pytest.MonkeyPatch.context() as mp:
+        for key in _outside_env_keys():
+            mp.delenv(key)
+        for key, value in (env or {}).items():
+            mp.setenv(key, str(value))
+        before = dict(os.environ)
+        mp.setattr(sys, "stdout", text)
+        mp.setattr(sys, "stderr", text)
+        saved = os.dup(1), os.dup(2)
+        os.dup2(fd_out.fileno(), 1)
+        os.dup2(fd_out.fileno(), 2)
+        try:
+            result = fn(*args)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller
+            error = exc
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+        fd_out.seek(0)
+        raw = fd_out.read().decode(errors="replace")
+        # a job leaves this process's environment as it found it: a tracking URI or cluster address left
+        # behind would send the next job in the process (a notebook's, a sweep driver's) to this one's
+        left = {k: os.environ[k] for k in _outside_env_keys() if before.get(k) != os.environ[k]}
+    assert not left, f"the job left {left} in os.environ"
+    return result, error, text.getvalue() + raw
+
+
 @pytest.fixture(scope="session")
 def pretrain_job(ray_session):
     """``run(*overrides, config=configs/tiny.yaml, env=None) -> JobRun``: what ``python jobs/pretrain.py --config
@@ -118,43 +155,12 @@ def pretrain_job(ray_session):
     they do from a shell). Output is captured at the Python and file-descriptor level, Ray's worker lines included
     (those forwarded before the call returns). Tests about the process itself (kills, exit codes, Ray's start-up, a
     job submitted to a cluster) run the script instead."""
-    import io
-    import tempfile
-
     from volvlp_ray.config import load_config
     from volvlp_ray.train.trainer import run_pretraining
 
     def run(*overrides: str, config=ROOT / "configs" / "tiny.yaml", env: dict | None = None) -> JobRun:
         cfg = load_config(config, list(overrides))
-        text = io.StringIO()
-        result = error = None
-        with tempfile.TemporaryFile() as fd_out, pytest.MonkeyPatch.context() as mp:
-            for key in _outside_env_keys():
-                mp.delenv(key)
-            for key, value in (env or {}).items():
-                mp.setenv(key, str(value))
-            before = dict(os.environ)
-            mp.setattr(sys, "stdout", text)
-            mp.setattr(sys, "stderr", text)
-            saved = os.dup(1), os.dup(2)
-            os.dup2(fd_out.fileno(), 1)
-            os.dup2(fd_out.fileno(), 2)
-            try:
-                result = run_pretraining(cfg)
-            except Exception as exc:  # noqa: BLE001 - handed to the test
-                error = exc
-            finally:
-                os.dup2(saved[0], 1)
-                os.dup2(saved[1], 2)
-                os.close(saved[0])
-                os.close(saved[1])
-            fd_out.seek(0)
-            raw = fd_out.read().decode(errors="replace")
-            # a job leaves this process's environment as it found it: a tracking URI or cluster address left
-            # behind would send the next job in the process (a notebook's, a sweep driver's) to this one's
-            left = {k: os.environ[k] for k in _outside_env_keys() if before.get(k) != os.environ[k]}
-        assert not left, f"the job left {left} in os.environ"
-        return JobRun(result, error, text.getvalue() + raw)
+        return JobRun(*_captured(run_pretraining, cfg, env=env))
 
     return run
 
@@ -162,31 +168,31 @@ def pretrain_job(ray_session):
 # --------------------------------------------------------------------------------------------------------
 # the tiny workspace, built once
 
-_BUILD_TINY = """
-import sys
-from volvlp_ray.config import load_config
-from volvlp_ray.train.trainer import ensure_ray, ensure_shards, ensure_tokenizer
+def _build_tiny(cfg) -> None:
+    """The job's own first stages on ``cfg`` (``ensure_ray``: the session's Ray is there; ``ensure_shards``,
+    ``ensure_tokenizer`` of ``volvlp_ray.train.trainer``), then the MLflow store's tables (MLflow's migrations take
+    seconds; made once, not by every job on a copy)."""
+    from mlflow.tracking import MlflowClient
 
-cfg = load_config(sys.argv[1], sys.argv[2:])
-ensure_ray(cfg)
-ensure_shards(cfg)
-print("[conftest] tokenizer at", ensure_tokenizer(cfg), flush=True)
-# the MLflow store's tables made once (MLflow's migrations take seconds), not by every job on a copy
-from mlflow.tracking import MlflowClient
-from volvlp_ray.tracking import resolve_tracking_uri
-MlflowClient(resolve_tracking_uri(cfg)).search_experiments()
-"""
+    from volvlp_ray.tracking import resolve_tracking_uri
+    from volvlp_ray.train.trainer import ensure_ray, ensure_shards, ensure_tokenizer
+
+    ensure_ray(cfg)
+    ensure_shards(cfg)
+    ensure_tokenizer(cfg)
+    MlflowClient(resolve_tracking_uri(cfg)).search_experiments()
 
 
 @pytest.fixture(scope="session")
-def tiny_workspace(tmp_path_factory) -> Path:
-    """configs/tiny.yaml's synthetic data, shards and tokenizer, made once by the job's own code (read only)."""
+def tiny_workspace(tmp_path_factory, ray_session) -> Path:
+    """configs/tiny.yaml's synthetic data, shards and tokenizer, made once by the job's own code, in this process on
+    the session's Ray (read only)."""
+    from volvlp_ray.config import load_config
+
     ws = tmp_path_factory.mktemp("tiny-workspace")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    p = subprocess.run([sys.executable, "-c", _BUILD_TINY, str(ROOT / "configs" / "tiny.yaml"), f"workspace={ws}"],
-                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
-    assert "[prepare] valid:" in p.stdout and "[data] tokenizer built" in p.stdout, p.stdout[-3000:]
+    _, error, out = _captured(_build_tiny, load_config(ROOT / "configs" / "tiny.yaml", [f"workspace={ws}"]))
+    assert error is None, f"{error!r}\n{out[-6000:]}"
+    assert "[prepare] valid:" in out and "[data] tokenizer built" in out, out[-3000:]
     return ws
 
 

@@ -57,7 +57,7 @@ def cluster(tmp_path_factory):
         yield {"address": address, "env": env, "token": token, "tracking_uri": tracking_uri, "mlflow_port": mlflow_port,
                "mlflow_pid": server.pid, "mlflow_root": tmp / "mlflow", "tmp": tmp}
     finally:
-        stop(head, server, timeout=20)  # then SIGKILL: a test cluster has nothing to save
+        stop(head, server, timeout=5)  # then SIGKILL: a test cluster has nothing to save (it never went in 20 s)
 
 
 @pytest.fixture(scope="module")
