@@ -302,9 +302,9 @@ def _registered_step(ws: Path) -> int:
         return 0
 
 
-def _job(ws: Path, workers: int, trace: Path, kill_at: int | None) -> tuple[int, str, int]:
-    """``jobs/pretrain.py`` on the tiny data with ``workers`` workers; with ``kill_at``, the driver and all it
-    started are SIGKILLed as soon as Ray Train has registered the checkpoint of step ``kill_at`` (or a later one).
+def _killed_job(ws: Path, workers: int, trace: Path, kill_at: int) -> tuple[int, str, int]:
+    """``jobs/pretrain.py`` on the tiny data with ``workers`` workers; the driver and all it started are
+    SIGKILLed as soon as Ray Train has registered the checkpoint of step ``kill_at`` (or a later one).
     Returns (exit code, output, the latest registered checkpoint's step after the kill)."""
     import signal
     import subprocess
@@ -327,8 +327,7 @@ def _job(ws: Path, workers: int, trace: Path, kill_at: int | None) -> tuple[int,
                 kill_tree(proc.pid)
                 return
 
-    if kill_at is not None:
-        threading.Thread(target=killer, daemon=True).start()
+    threading.Thread(target=killer, daemon=True).start()
     try:
         out = proc.stdout.read()
         proc.wait()
@@ -376,9 +375,9 @@ def test_job_resumes_on_another_number_of_workers(copy_tiny_workspace, tmp_path,
     # A: 2 workers, killed once its checkpoint of step 3 is registered; B: 1 worker from it, killed at its checkpoint
     # of step 6; C: 2 workers from that one, to the end (nothing of it is killed: in this process, on the session's
     # Ray, conftest's pretrain_job)
-    code, out_a, ckpt_a = _job(ws, 2, tmp_path / "trace-a", kill_at=EVERY)
+    code, out_a, ckpt_a = _killed_job(ws, 2, tmp_path / "trace-a", kill_at=EVERY)
     assert code != 0 and ckpt_a == EVERY, out_a[-4000:]
-    code, out_b, ckpt_b = _job(ws, 1, tmp_path / "trace-b", kill_at=2 * EVERY)
+    code, out_b, ckpt_b = _killed_job(ws, 1, tmp_path / "trace-b", kill_at=2 * EVERY)
     assert code != 0 and ckpt_b == 2 * EVERY, out_b[-4000:]
     out_c = pretrain_job(f"workspace={ws}", "run_name=elastic", "scaling.num_workers=2", *JOB_ARGS,
                          env={"VOLVLP_STEP_TRACE": str(tmp_path / "trace-c")}).ok().output
