@@ -526,3 +526,28 @@ def test_evaluate_embeddings_known_answers(tmp_path) -> None:
         "recall_at_k.png", "auroc_zeroshot.png", "auroc_probe.png", "similarity_matrix.png",
         "projection_volume_n_abnormalities.png"}
     assert all(_is_png(p) for p in res["plots"])
+
+
+def test_a_training_worker_does_not_import_the_evaluation_libraries():
+    """What a Ray Train worker imports to train and validate (the loop, the model, validation, the metrics it
+    reports) leaves scikit-learn and Matplotlib out: each worker process would pay ~1.5 CPU-seconds for them. The
+    package's names still resolve, each from its module, on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, volvlp_ray.train.loop, volvlp_ray.models, volvlp_ray.eval.validation, volvlp_ray.eval.retrieval, "
+            "volvlp_ray.eval.zeroshot\n"
+            "print(sorted(m for m in ('sklearn', 'matplotlib') if m in sys.modules))\n"
+            "import volvlp_ray.eval as ev\n"
+            "from volvlp_ray.eval.probe import linear_probe\n"
+            "from volvlp_ray.eval import save_all_plots, linear_probe as lp\n"
+            "assert lp is linear_probe and ev.linear_probe is linear_probe and 'save_all_plots' in dir(ev)\n"
+            "assert sorted(ev.__all__) == sorted(ev._WHERE)\n"
+            "print(sorted(m for m in ('sklearn', 'matplotlib') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[:2] == ["[]", "['matplotlib', 'sklearn']"], out.stdout
+    with pytest.raises(AttributeError, match="no attribute 'not_a_metric'"):
+        import volvlp_ray.eval as ev
+
+        ev.not_a_metric  # noqa: B018

@@ -9,37 +9,35 @@ chunks), ``run`` (evaluate a model on a shard split), ``checkpoint`` and ``job``
 ``validation`` (``Validator``, validation during pre-training).
 """
 
-from volvlp_ray.eval.plots import (
-    plot_auroc_bars,
-    plot_embedding_projection,
-    plot_recall_curves,
-    plot_similarity_matrix,
-    project_2d,
-    save_all_plots,
-    save_figure,
-)
-from volvlp_ray.eval.probe import linear_probe
-from volvlp_ray.eval.retrieval import (
-    DEFAULT_KS,
-    bidirectional_retrieval,
-    correct_ranks,
-    label_jaccard_at_k,
-    pairwise_jaccard,
-    retrieval_metrics,
-    text_to_volume,
-    to_numpy,
-    volume_to_text,
-)
-from volvlp_ray.eval.zeroshot import (
-    DEFAULT_PROMPTS,
-    THRESHOLD_METRICS,
-    auroc,
-    build_prompts,
-    classification_metrics,
-    flatten_metrics,
-    select_thresholds,
-    zero_shot_scores,
-)
+# Imported on first use (PEP 562): a Ray Train worker that needs only ``volvlp_ray.eval.validation`` does not pay
+# for scikit-learn and SciPy (``probe``) or Matplotlib (``plots``) -- ~1.5 CPU-seconds per worker process.
+_WHERE = {
+    "DEFAULT_KS": "retrieval",
+    "DEFAULT_PROMPTS": "zeroshot",
+    "THRESHOLD_METRICS": "zeroshot",
+    "auroc": "zeroshot",
+    "bidirectional_retrieval": "retrieval",
+    "build_prompts": "zeroshot",
+    "classification_metrics": "zeroshot",
+    "correct_ranks": "retrieval",
+    "flatten_metrics": "zeroshot",
+    "label_jaccard_at_k": "retrieval",
+    "linear_probe": "probe",
+    "pairwise_jaccard": "retrieval",
+    "plot_auroc_bars": "plots",
+    "plot_embedding_projection": "plots",
+    "plot_recall_curves": "plots",
+    "plot_similarity_matrix": "plots",
+    "project_2d": "plots",
+    "retrieval_metrics": "retrieval",
+    "save_all_plots": "plots",
+    "save_figure": "plots",
+    "select_thresholds": "zeroshot",
+    "text_to_volume": "retrieval",
+    "to_numpy": "retrieval",
+    "volume_to_text": "retrieval",
+    "zero_shot_scores": "zeroshot",
+}
 
 __all__ = [
     "DEFAULT_KS",
@@ -68,3 +66,17 @@ __all__ = [
     "volume_to_text",
     "zero_shot_scores",
 ]
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        import importlib
+
+        value = getattr(importlib.import_module(f"volvlp_ray.eval.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'volvlp_ray.eval' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
