@@ -530,7 +530,7 @@ def test_evaluate_embeddings_known_answers(tmp_path) -> None:
 
 def test_a_training_worker_does_not_import_the_evaluation_libraries():
     """What a Ray Train worker imports to train and validate (the loop, the model, validation, the metrics it
-    reports) leaves scikit-learn and Matplotlib out: each worker process would pay ~1.5 CPU-seconds for them. The
+    reports) leaves scikit-learn and Matplotlib out: each worker process would pay ~2.8 CPU-seconds for them. The
     package's names still resolve, each from its module, on first use."""
     import subprocess
     import sys
