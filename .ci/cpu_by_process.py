@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         processes[group_of(name)] += len(sampler.pids[name])
     total = sum(groups.values())
     print(f"\n{' '.join(command)}: exit {rc}, {wall:.0f} s, {busy:.0f} busy CPU-seconds on the machine "
-          f"({busy / wall / (os.cpu_count() or 1):.0%} of {os.cpu_count()} CPUs), {total:.0f} attributed:", file=sys.stderr)
+          f"({busy / wall / (os.cpu_count() or 1):.0%} of {os.cpu_count()} CPUs), {total:.0f} attributed:",
+          file=sys.stderr)
     for group, seconds in groups.most_common():
         print(f"  {seconds:8.1f}  {processes[group]:5d} processes  {group}", file=sys.stderr)
     if args.json:

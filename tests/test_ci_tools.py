@@ -47,7 +47,8 @@ def test_a_child_process_cpu_is_counted(tmp_path):
     spin = "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass\n"
     out = tmp_path / "cpu.json"
     p = subprocess.run([sys.executable, str(TOOL), "--every", "0.1", "--json", str(out), "--",
-                        sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {spin!r}])"],
+                        sys.executable, "-c",
+                        f"import subprocess, sys; subprocess.run([sys.executable, '-c', {spin!r}])"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     record = json.loads(out.read_text())

@@ -535,8 +535,8 @@ def test_a_training_worker_does_not_import_the_evaluation_libraries():
     import subprocess
     import sys
 
-    code = ("import sys, volvlp_ray.train.loop, volvlp_ray.models, volvlp_ray.eval.validation, volvlp_ray.eval.retrieval, "
-            "volvlp_ray.eval.zeroshot\n"
+    code = ("import sys, volvlp_ray.train.loop, volvlp_ray.models, volvlp_ray.eval.validation, "
+            "volvlp_ray.eval.retrieval, volvlp_ray.eval.zeroshot\n"
             "print(sorted(m for m in ('sklearn', 'matplotlib') if m in sys.modules))\n"
             "import volvlp_ray.eval as ev\n"
             "from volvlp_ray.eval.probe import linear_probe\n"

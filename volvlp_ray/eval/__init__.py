@@ -10,7 +10,7 @@ chunks), ``run`` (evaluate a model on a shard split), ``checkpoint`` and ``job``
 """
 
 # Imported on first use (PEP 562): a Ray Train worker that needs only ``volvlp_ray.eval.validation`` does not pay
-# for scikit-learn and SciPy (``probe``) or Matplotlib (``plots``) -- measured 11.6 -> 8.8 CPU-seconds of imports per worker.
+# for scikit-learn and SciPy (``probe``) or Matplotlib (``plots``): its imports measured 11.6 -> 8.8 CPU-seconds.
 _WHERE = {
     "DEFAULT_KS": "retrieval",
     "DEFAULT_PROMPTS": "zeroshot",
