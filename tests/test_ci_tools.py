@@ -42,9 +42,9 @@ def test_titles_fall_in_their_groups():
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads Linux's /proc")
 def test_a_child_process_cpu_is_counted(tmp_path):
-    """A command whose child spins 1.5 s on a core: that CPU time is attributed (the sampler sees the child while it
-    runs) and no more than the machine's busy time."""
-    spin = "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass\n"
+    """A command whose child spins for 1.5 CPU-seconds: that CPU time is attributed (the sampler sees the child while
+    it runs) and no more than the machine's busy time."""
+    spin = "import time\nwhile time.process_time() < 1.5: pass\n"  # 1.5 CPU-seconds, however busy the machine
     out = tmp_path / "cpu.json"
     p = subprocess.run([sys.executable, str(TOOL), "--every", "0.1", "--json", str(out), "--",
                         sys.executable, "-c",
@@ -53,7 +53,9 @@ def test_a_child_process_cpu_is_counted(tmp_path):
     assert p.returncode == 0, p.stderr
     record = json.loads(out.read_text())
     spun = sum(v for k, (v, n) in record["titles"].items() if k.startswith("python"))
-    assert 1.3 <= spun <= 3.0, record["titles"]
+    # CPU spent after the last sample before the child exits (< 0.1 s here) is missed; counting a total instead of
+    # the increase since the last sample would give many times 1.5
+    assert 1.2 <= spun <= 3.0, record["titles"]
     assert record["attributed_cpu_s"] <= record["busy_cpu_s"] + 0.5, record
     assert "attributed" in p.stderr and "other" in p.stderr, p.stderr
     bad = subprocess.run([sys.executable, str(TOOL)], capture_output=True, text=True, timeout=60)
