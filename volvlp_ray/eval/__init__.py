@@ -39,33 +39,7 @@ _WHERE = {
     "zero_shot_scores": "zeroshot",
 }
 
-__all__ = [
-    "DEFAULT_KS",
-    "DEFAULT_PROMPTS",
-    "THRESHOLD_METRICS",
-    "auroc",
-    "bidirectional_retrieval",
-    "build_prompts",
-    "classification_metrics",
-    "correct_ranks",
-    "flatten_metrics",
-    "label_jaccard_at_k",
-    "linear_probe",
-    "pairwise_jaccard",
-    "plot_auroc_bars",
-    "plot_embedding_projection",
-    "plot_recall_curves",
-    "plot_similarity_matrix",
-    "project_2d",
-    "retrieval_metrics",
-    "save_all_plots",
-    "save_figure",
-    "select_thresholds",
-    "text_to_volume",
-    "to_numpy",
-    "volume_to_text",
-    "zero_shot_scores",
-]
+__all__ = sorted(_WHERE)
 
 
 def __getattr__(name: str):
